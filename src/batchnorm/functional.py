@@ -1,0 +1,196 @@
+"""Functional batch norm: torch.nn.functional.batch_norm's signature on this package's ops.
+
+This layer checks arguments and decides which statistics normalize the input; the arithmetic is
+in ops.py and the kernels. Extras beyond torch's signature are keyword-only:
+
+    residual=  a tensor shaped like input, added after the affine (ResNet's "BN + add")
+    relu=True  ReLU fused into the same pass, forward and backward
+
+Deliberate difference from torch: a training batch whose statistics are not finite (NaN or Inf
+in the input) does not update running_mean / running_var; they keep their values, a
+RuntimeWarning says so (on CPU, where checking costs no device sync) and, for modules,
+num_batches_tracked does not count the batch. torch would write NaN into the buffers and every
+later eval-mode output would be NaN (pytorch#115500).
+"""
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from batchnorm import ops
+from batchnorm.ops import StatsSync
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """Batch normalization over dim 1 of input, as torch.nn.functional.batch_norm.
+
+    training=True normalizes with the batch's statistics and, when running_mean / running_var
+    are given, updates them in place: running = (1 - momentum) * running + momentum * batch, with
+    the unbiased batch variance. training=False normalizes with running_mean / running_var.
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       residual=residual, relu=relu)
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = False,
+    num_batches_tracked: Tensor | None = None,
+    sync: StatsSync | None = None,
+) -> Tensor:
+    """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
+    num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
+    _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
+           momentum, eps)
+    input = input.contiguous(memory_format=ops.memory_format(input))
+    if residual is not None:
+        residual = residual.contiguous(memory_format=ops.memory_format(input))
+
+    if not training:
+        if running_mean is None or running_var is None:
+            raise RuntimeError(
+                "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
+                "running_var, but they were not given; pass them or use training=True"
+            )
+        if input.numel() == 0:
+            return _empty_batch(input, weight, bias)
+        return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
+                                   residual, relu)
+
+    if input.numel() == 0:  # as torch: empty output, buffers untouched, the batch still counted
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return _empty_batch(input, weight, bias)
+
+    output, mean, m2, count = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync)
+    if running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, mean, m2, count, momentum,
+                              num_batches_tracked)
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return output
+
+
+@torch.no_grad()
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    count: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """running <- running + factor * (batch - running), skipped when the batch is not finite.
+
+    running_var takes the unbiased estimate m2 / (count - 1) (Bessel's correction), although the
+    batch was normalized with the biased one, m2 / count: the paper's Algorithm 2, and torch.
+    Written without host synchronisation (torch.where, tensor factor), so that torch.compile
+    traces it whole, momentum=None included.
+    """
+    finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased_var = m2 / (count - 1)
+    new_mean = running_mean.to(mean.dtype) + factor * (mean - running_mean.to(mean.dtype))
+    new_var = running_var.to(mean.dtype) + factor * (unbiased_var - running_var.to(mean.dtype))
+    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
+    running_var.copy_(torch.where(finite, new_var, running_var.to(mean.dtype)))
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(finite):
+        warnings.warn(
+            "batch_norm: this training batch has non-finite statistics (NaN or Inf in the input); "
+            "running_mean and running_var were left unchanged",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """An empty batch gives an empty output that still depends on weight and bias (zero grads)."""
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    output = input.clone()
+    if weight is not None:
+        output = output * weight.view(shape)
+    if bias is not None:
+        output = output + bias.view(shape)
+    return output.to(input.dtype)
+
+
+def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, momentum,
+           eps):
+    """Every rejection happens here, before any buffer is touched.
+
+    local_batch_stats: the batch statistics are this call's own (training without a StatsSync),
+    so they need more than one value per channel.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm expects input to be a Tensor, got {type(input).__name__}")
+    if not (input.is_floating_point()):
+        raise NotImplementedError(
+            f"batch_norm expects a floating-point input (float16, bfloat16, float32, float64), "
+            f"got dtype {input.dtype}"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
+            f"{input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dim() != 1 or tensor.numel() != channels:
+            raise RuntimeError(
+                f"batch_norm: {name} should be a 1-D tensor with one value per channel "
+                f"({channels} for input of shape {tuple(input.shape)}), got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise RuntimeError(f"batch_norm: {name} must be floating point, got {tensor.dtype}")
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"batch_norm: eps must be positive, got {eps}")
+    if momentum is not None and not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must lie in [0, 1] (or be None), got {momentum}")
+    if local_batch_stats and input.numel() > 0:
+        values_per_channel = input.numel() // channels
+        if values_per_channel <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}"
+            )

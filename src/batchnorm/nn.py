@@ -1,0 +1,221 @@
+"""Drop-in batch-norm modules: torch.nn's constructor, parameters, buffers and state_dict.
+
+The modules subclass torch.nn.modules.batchnorm._BatchNorm, so `isinstance(m, _BatchNorm)` holds
+and code that looks for BN layers (weight-decay filters, fusers, converters) keeps working. They
+manage state only (which statistics, the momentum or cumulative factor, the buffers); every
+computation is one call to batchnorm.functional.
+"""
+
+import torch
+from torch import Tensor
+from torch.nn.modules import batchnorm as torch_bn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from batchnorm import functional as F
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
+    "BatchNormAddReLU2d", "BatchNormAddReLU3d",
+    "convert", "to_torch",
+]
+
+
+def check_constructor_args(num_features: int, eps: float, momentum: float | None) -> None:
+    """Reject what torch accepts and fails on later (or silently mis-trains with)."""
+    if not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int (the channel count C), got "
+                         f"{num_features!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive (it keeps the variance away from 0), got {eps!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], or be None for a cumulative average, "
+                         f"got {momentum!r}")
+
+
+class _BatchNorm(torch_bn._BatchNorm):
+    """Shared forward; subclasses say which input ranks they take."""
+
+    _ranks: tuple[int, ...] = ()
+    _layouts: str = ""
+    _relu: bool = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True) -> None:
+        if not isinstance(self, LazyModuleMixin):  # lazy modules start with num_features = 0
+            check_constructor_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(
+                f"{type(self).__name__} expects a {expected} input {self._layouts}, got "
+                f"{input.dim()}D input of shape {tuple(input.shape)}"
+            )
+        if not isinstance(self, LazyModuleMixin) or not self.has_uninitialized_params():
+            if input.shape[1] != self.num_features:
+                raise RuntimeError(
+                    f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
+                    f"channels in dim 1, got input of shape {tuple(input.shape)} with "
+                    f"{input.shape[1]} channels"
+                )
+
+    def _use_batch_stats(self) -> bool:
+        """Training normalizes with the batch; eval too when there are no running buffers."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _buffers_to_update(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(running_mean, running_var, num_batches_tracked) to pass down.
+
+        In training they are updated only while track_running_stats is on: turning it off after
+        construction freezes the buffers (they are still used in eval), as in torch.
+        """
+        if self.training and not self.track_running_stats:
+            return None, None, None
+        tracked = self.num_batches_tracked if self.training else None
+        return self.running_mean, self.running_var, tracked
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, num_batches_tracked = self._buffers_to_update()
+        return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                             self._use_batch_stats(), self.momentum, self.eps,
+                             residual=residual, relu=self._relu,
+                             num_batches_tracked=num_batches_tracked)
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """Batch norm over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
+
+    _ranks, _layouts = (2, 3), "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """Batch norm over (N, C, H, W) input, contiguous or channels_last, as torch.nn.BatchNorm2d."""
+
+    _ranks, _layouts = (4,), "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """Batch norm over (N, C, D, H, W) input, as torch.nn.BatchNorm3d."""
+
+    _ranks, _layouts = (5,), "(N, C, D, H, W)"
+
+
+class BatchNormReLU1d(BatchNorm1d):
+    """relu(batch_norm(x)) in one pass forward and one backward; state_dict of a BatchNorm1d."""
+
+    _relu = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """relu(batch_norm(x)) fused; state_dict of a BatchNorm2d."""
+
+    _relu = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+
+class BatchNormReLU3d(BatchNorm3d):
+    """relu(batch_norm(x)) fused; state_dict of a BatchNorm3d."""
+
+    _relu = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+
+class BatchNormAddReLU2d(BatchNorm2d):
+    """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
+
+    _relu = True
+
+
+class BatchNormAddReLU3d(BatchNorm3d):
+    """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
+
+    _relu = True
+
+
+class LazyBatchNorm1d(torch_bn._LazyNormBase, BatchNorm1d):
+    """BatchNorm1d whose num_features is read from the first input."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(torch_bn._LazyNormBase, BatchNorm2d):
+    """BatchNorm2d whose num_features is read from the first input."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
+    """BatchNorm3d whose num_features is read from the first input."""
+
+    cls_to_become = BatchNorm3d
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping torch.nn modules for these and back
+# ---------------------------------------------------------------------------------------------
+
+_TO_OURS: dict[type, type] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH: dict[type, type] = {
+    **{ours: theirs for theirs, ours in _TO_OURS.items()},
+    BatchNormReLU1d: None, BatchNormReLU2d: None, BatchNormReLU3d: None,  # no torch twin
+}
+
+
+def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A module of class cls holding the very same Parameter and buffer objects as module.
+
+    Sharing the objects (not copies) keeps optimizers, hooks on parameters and tied weights
+    pointing at the live tensors.
+    """
+    swapped = cls.__new__(cls)
+    torch.nn.Module.__init__(swapped)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+        setattr(swapped, name, getattr(module, name))
+    swapped._parameters = dict(module._parameters)
+    swapped._buffers = dict(module._buffers)
+    swapped._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return swapped
+
+
+def _replace(model: torch.nn.Module, mapping: dict[type, type | None]) -> torch.nn.Module:
+    if type(model) in mapping:
+        target = mapping[type(model)]
+        if target is None:
+            raise TypeError(f"{type(model).__name__} has no torch.nn equivalent (it fuses a ReLU)")
+        return _swap_class(model, target)
+    for name, child in model.named_children():
+        replaced = _replace(child, mapping)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every torch.nn.BatchNorm1d/2d/3d in model for this package's, in place.
+
+    Parameters and buffers are the same objects, so state, outputs and optimizer references are
+    kept. Returns the model (a new module when model itself is a batch-norm layer).
+    """
+    return _replace(model, _TO_OURS)
+
+
+def to_torch(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap this package's BatchNorm1d/2d/3d back to torch.nn's, in place; the inverse of convert."""
+    return _replace(model, _TO_TORCH)
