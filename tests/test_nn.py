@@ -1,0 +1,308 @@
+"""batchnorm.BatchNorm1d/2d/3d against torch.nn in float64, over several training steps.
+
+Every constructor flag x dtype x layout x rank x train/eval: outputs, input gradients, parameter
+gradients and all buffers after each step. The reference is torch.nn's module run in float64 on
+the same (rounded) input values, so low-precision cases measure our error, not torch's.
+"""
+
+import collections
+import itertools
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.kernels.composite import stat_dtype
+from tests.utils import assert_close, channels_last_kept, to_layout
+
+OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+        5: batchnorm.BatchNorm3d}
+THEIRS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+          5: torch.nn.BatchNorm3d}
+SHAPES = {2: (9, 3), 3: (4, 3, 5), 4: (3, 3, 5, 4), 5: (2, 3, 3, 2, 5)}
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+FLAGS = [  # (affine, bias, track_running_stats, momentum)
+    (affine, bias, track, momentum)
+    for (affine, bias), track, momentum in itertools.product(
+        [(True, True), (True, False), (False, False)], [True, False], [0.1, None])
+]
+RANK_LAYOUTS = [(r, "contiguous") for r in SHAPES] + [(r, "noncontiguous") for r in SHAPES] + [
+    (4, "channels_last"), (5, "channels_last")]
+
+
+def make_pair(rank, affine, bias, track, momentum, dtype, num_features=3):
+    """Ours in `dtype` and torch's in float64, with the same random parameters and buffers."""
+    ours = OURS[rank](num_features, momentum=momentum, affine=affine, bias=bias,
+                      track_running_stats=track).to(dtype)
+    theirs = THEIRS[rank](num_features, momentum=momentum, affine=affine, bias=bias,
+                          track_running_stats=track).double()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.copy_(torch.randn_like(p, dtype=torch.float64) * 0.5 + 1)
+        if track:
+            ours.running_mean.copy_(torch.randn(num_features))
+            ours.running_var.copy_(torch.rand(num_features) + 0.5)
+    theirs.load_state_dict({k: v.double() if v.is_floating_point() else v
+                            for k, v in ours.state_dict().items()})
+    return ours, theirs
+
+
+def batch(shape, dtype, layout, seed):
+    """An input with per-channel offsets and scales, rounded to dtype; and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.arange(C) + 1.0).view(view)
+    x = (x + torch.linspace(-2, 3, C, dtype=torch.float64).view(view)).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return to_layout(x, layout), to_layout(dy, layout)
+
+
+def run_step(module, x, dy):
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    return y, x.grad
+
+
+def compare_state(ours, theirs, dtype, count, what):
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        assert a.grad.dtype == a.dtype, f"{what}: {name}.grad dtype"
+        assert_close(a.grad, b.grad, dtype, count, f"{what}: {name}.grad")
+    for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
+        if a.is_floating_point():
+            assert a.dtype == dtype, f"{what}: buffer {name} changed dtype to {a.dtype}"
+            assert_close(a, b, dtype, count, f"{what}: buffer {name}")
+        else:
+            assert torch.equal(a, b), f"{what}: {name} {a} != {b}"
+
+
+@pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine,bias,track,momentum", FLAGS)
+def test_matches_torch_over_training_steps(rank, layout, dtype, affine, bias, track, momentum):
+    torch.manual_seed(0)
+    ours, theirs = make_pair(rank, affine, bias, track, momentum, dtype)
+    shape = SHAPES[rank]
+    count = shape[0] * (torch.Size(shape[2:]).numel())
+    for step in range(3):
+        x, dy = batch(shape, dtype, layout, seed=step)
+        y, dx = run_step(ours, x, dy)
+        y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
+        what = f"train step {step}"
+        assert y.dtype == dtype and dx.dtype == dtype
+        assert_close(y, y_ref, dtype, 1, f"{what}: output")
+        assert_close(dx, dx_ref, dtype, count, f"{what}: grad_input")
+        if layout == "channels_last":
+            assert channels_last_kept(y) and channels_last_kept(dx), f"{what}: layout lost"
+        compare_state(ours, theirs, dtype, count, what)
+    ours.eval()
+    theirs.eval()
+    x, dy = batch(shape, dtype, layout, seed=10)
+    y, dx = run_step(ours, x, dy)
+    y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
+    assert_close(y, y_ref, dtype, 1, "eval: output")
+    assert_close(dx, dx_ref, dtype, count, "eval: grad_input")
+    compare_state(ours, theirs, dtype, count, "eval")
+
+
+ODD_SHAPES = [(2, 1), (2, 1, 1, 1), (2, 5, 1, 1), (7, 1, 13), (2, 3, 11, 13), (5, 7, 3, 1, 2),
+              (64, 2), (3, 17, 1)]
+
+
+ODD_CASES = [(s, "contiguous") for s in ODD_SHAPES] + [
+    (s, "channels_last") for s in ODD_SHAPES if len(s) >= 4]
+
+
+@pytest.mark.parametrize("shape,layout", ODD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_odd_shapes(shape, dtype, layout):
+    rank = len(shape)
+    ours, theirs = make_pair(rank, True, True, True, 0.1, dtype, num_features=shape[1])
+    count = shape[0] * torch.Size(shape[2:]).numel()
+    for step in range(2):
+        x, dy = batch(shape, dtype, layout, seed=step)
+        y, dx = run_step(ours, x, dy)
+        y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
+        assert_close(y, y_ref, dtype, 1, f"{shape} output")
+        assert_close(dx, dx_ref, dtype, count, f"{shape} grad_input")
+        compare_state(ours, theirs, dtype, count, f"{shape} step {step}")
+
+
+def test_mixed_precision_input_with_float32_module():
+    """fp16 activations through a float32 module (parameters and buffers stay float32)."""
+    ours, theirs = make_pair(4, True, True, True, 0.1, torch.float32)
+    x, dy = batch((4, 3, 6, 6), torch.float16, "contiguous", seed=3)
+    y, dx = run_step(ours, x, dy)
+    y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
+    assert y.dtype == torch.float16 and ours.running_mean.dtype == torch.float32
+    assert ours.weight.grad.dtype == torch.float32
+    assert_close(y, y_ref, torch.float16, 1, "output")
+    assert_close(dx, dx_ref, torch.float16, 144, "grad_input")
+    assert_close(ours.running_var, theirs.running_var, torch.float32, 144, "running_var")
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in behaviour: classes, state_dicts, flags changed after construction, special batches
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [2, 4, 5])
+def test_is_a_torch_batchnorm_with_the_same_state(rank):
+    ours, theirs = OURS[rank](6), THEIRS[rank](6)
+    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
+    assert isinstance(ours, THEIRS[rank])
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+
+
+def test_state_dicts_load_both_ways_including_old_checkpoints():
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3))
+    ours = batchnorm.BatchNorm2d(4)
+    ours.load_state_dict(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    back = torch.nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.running_var, theirs.running_var)
+    # A checkpoint from before num_batches_tracked existed (version 1 metadata, no such key).
+    old = collections.OrderedDict(
+        (k, v) for k, v in theirs.state_dict().items() if k != "num_batches_tracked")
+    old._metadata = {"": {"version": 1}}
+    fresh = batchnorm.BatchNorm2d(4)
+    fresh.load_state_dict(old)
+    assert fresh.num_batches_tracked.item() == 0
+    assert torch.equal(fresh.running_mean, theirs.running_mean)
+
+
+def test_constructor_signature_matches_torch():
+    import inspect
+    for ours, theirs in [(batchnorm.BatchNorm1d, torch.nn.BatchNorm1d),
+                         (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d),
+                         (batchnorm.BatchNorm3d, torch.nn.BatchNorm3d)]:
+        assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+    m = batchnorm.BatchNorm2d(5, 1e-3, 0.3, True, True, None, torch.float64, bias=False)
+    assert m.bias is None and m.weight.dtype == torch.float64 and m.eps == 1e-3
+
+
+def test_momentum_none_is_the_cumulative_average():
+    torch.manual_seed(0)
+    m = batchnorm.BatchNorm1d(3, momentum=None)
+    xs = [torch.randn(16, 3) * 2 + 1 for _ in range(4)]
+    for x in xs:
+        m(x)
+    means = torch.stack([x.mean(0) for x in xs])
+    unbiased = torch.stack([x.var(0, unbiased=True) for x in xs])
+    # running stats start at (0, 1) and the first batch replaces them (factor 1/1)
+    torch.testing.assert_close(m.running_mean, means.mean(0))
+    torch.testing.assert_close(m.running_var, unbiased.mean(0))
+    assert m.num_batches_tracked.item() == 4
+
+
+def test_turning_tracking_off_freezes_the_buffers():
+    m = batchnorm.BatchNorm2d(3)
+    with torch.no_grad():
+        m.running_mean.fill_(0.5)
+    m.track_running_stats = False
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2) * 3 + 2
+    y = m(x)  # training: batch statistics, buffers frozen
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    ref = torch.nn.BatchNorm2d(3)
+    ref.load_state_dict(before)
+    ref.track_running_stats = False
+    torch.testing.assert_close(y, ref(x))
+    m.eval()
+    ref.eval()
+    torch.testing.assert_close(m(x), ref(x))  # eval still uses the frozen buffers
+
+
+def test_reset_methods():
+    m = batchnorm.BatchNorm1d(3)
+    m(torch.randn(8, 3) + 5)
+    with torch.no_grad():
+        m.weight.fill_(3)
+    m.reset_running_stats()
+    assert torch.equal(m.running_mean, torch.zeros(3)) and m.num_batches_tracked.item() == 0
+    assert m.weight[0].item() == 3
+    m.reset_parameters()
+    assert torch.equal(m.weight, torch.ones(3)) and torch.equal(m.bias, torch.zeros(3))
+
+
+def test_empty_batch_like_torch():
+    for train in (True, False):
+        ours, theirs = batchnorm.BatchNorm2d(3).train(train), torch.nn.BatchNorm2d(3).train(train)
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.running_mean.fill_(2.0)
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y, y_ref = ours(x), theirs(x)
+        assert y.shape == y_ref.shape
+        y.sum().backward()
+        assert torch.equal(ours.weight.grad, torch.zeros(3))
+        assert x.grad.shape == x.shape
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_lazy_modules_become_the_eager_class():
+    for lazy, eager, shape in [(batchnorm.LazyBatchNorm1d, batchnorm.BatchNorm1d, (4, 6)),
+                               (batchnorm.LazyBatchNorm2d, batchnorm.BatchNorm2d, (2, 6, 3, 3)),
+                               (batchnorm.LazyBatchNorm3d, batchnorm.BatchNorm3d, (2, 6, 2, 2, 2))]:
+        m = lazy()
+        y = m(torch.randn(shape))
+        assert type(m) is eager and m.num_features == 6 and m.running_mean.shape == (6,)
+        assert y.shape == shape and m.num_batches_tracked.item() == 1
+
+
+def test_convert_and_back_keeps_state_and_outputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5),
+                            torch.nn.BatchNorm1d(5)))
+    x = torch.randn(4, 3, 6, 6)
+    model(x)
+    model.eval()
+    expected = model(x)
+    weight = model[1].weight
+    converted = batchnorm.convert(model)
+    assert type(converted[1]) is batchnorm.BatchNorm2d
+    assert type(converted[3][2]) is batchnorm.BatchNorm1d
+    assert converted[1].weight is weight  # the same Parameter: optimizers keep working
+    assert not converted[1].training
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-6)
+    back = batchnorm.to_torch(converted)
+    assert type(back[1]) is torch.nn.BatchNorm2d
+    torch.testing.assert_close(back(x), expected, rtol=0, atol=1e-6)
+    single = batchnorm.convert(torch.nn.BatchNorm3d(2))
+    assert type(single) is batchnorm.BatchNorm3d
+
+
+def test_fused_modules_match_unfused():
+    torch.manual_seed(0)
+    plain, fused = batchnorm.BatchNorm2d(4), batchnorm.BatchNormReLU2d(4)
+    add_fused = batchnorm.BatchNormAddReLU2d(4)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    for m in (plain, fused, add_fused):
+        m.double()
+    y1 = torch.relu(plain(x))
+    y2 = fused(x)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), (x, plain.weight))
+    g2 = torch.autograd.grad(y2.square().sum(), (x, fused.weight))
+    torch.testing.assert_close(g1, g2)
+    y3 = torch.relu(plain(x) + r)
+    y4 = add_fused(x, r)
+    torch.testing.assert_close(y3, y4)
+    g3 = torch.autograd.grad(y3.square().sum(), (x, r, plain.bias))
+    g4 = torch.autograd.grad(y4.square().sum(), (x, r, add_fused.bias))
+    torch.testing.assert_close(g3, g4)
+    torch.testing.assert_close(fused.running_var, add_fused.running_var)  # one step each
+    assert stat_dtype(torch.float16) == torch.float32
