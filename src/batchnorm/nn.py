@@ -12,6 +12,7 @@ from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm import functional as F
+from batchnorm.ops import StatsSync
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -85,7 +86,12 @@ class _BatchNorm(torch_bn._BatchNorm):
         return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self._use_batch_stats(), self.momentum, self.eps,
                              residual=residual, relu=self._relu,
-                             num_batches_tracked=num_batches_tracked)
+                             num_batches_tracked=num_batches_tracked, sync=self._sync())
+
+    def _sync(self) -> StatsSync | None:
+        """How batch statistics are combined across processes: None here (this process only);
+        distributed.SyncBatchNorm returns its process group's StatsSync while training."""
+        return None
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
