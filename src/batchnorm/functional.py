@@ -81,7 +81,9 @@ def _batch_norm(
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
                                    residual, relu)
 
-    if input.numel() == 0:  # as torch: empty output, buffers untouched, the batch still counted
+    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
+    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
+    if input.numel() == 0 and sync is None:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return _empty_batch(input, weight, bias)
