@@ -17,6 +17,7 @@ Conventions shared by all backends:
   Statistics are float64 for float64 input and float32 otherwise (fp16/bf16 sums lose digits).
 - Elementwise results (output, grad_input) have input's dtype and input's memory layout
   (torch.empty_like(input)).
+- An empty input (N = 0, an empty rank of SyncBatchNorm) has stats (0, 0): count 0.
 - count, the number of elements per channel, is input.numel() // C; backends never need it
   beyond stats, because backward_elemt takes means (sum / count), computed by the caller. That
   keeps SyncBatchNorm, whose count is global, on the same kernels.
@@ -59,6 +60,8 @@ def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """
     x = input.to(stat_dtype(input.dtype))
     dims, shape = _reduce_dims(x), _channel_view(x)
+    if x.numel() == 0:  # an empty rank of SyncBatchNorm: count 0 contributes nothing
+        return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
     shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)  # x[0, :, 0, ...]
     centred = x - shift
     mean_centred = centred.mean(dims)
