@@ -1,0 +1,306 @@
+"""Model surgery on the graph's answers: strip redundant biases, fold eval-mode BN, inspect.
+
+Each tool works on a deep copy (the model passed in is never changed) and returns the new model
+with a report. What the reports' "max_abs_diff" measures is the largest difference between the
+original's and the new model's outputs on the example input, in eval mode.
+"""
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from batchnorm.tools import graph as G
+from batchnorm.tools.weights import absorb_bias, fold_bn_into_next_weights, fold_bn_weights
+
+__all__ = ["StripReport", "strip_redundant_biases", "FoldReport", "fold_bn", "BNRemnant",
+           "Inspection", "inspect_model", "max_output_difference"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _run(model: nn.Module, example_inputs: Any, training: bool) -> Any:
+    """model's output in the given mode, the modules' flags restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        with torch.no_grad():
+            return model(*G._as_tuple(example_inputs))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def max_output_difference(a: nn.Module, b: nn.Module, example_inputs: Any) -> float:
+    """max |a(x) - b(x)| over every output tensor, both in eval mode (nothing is updated)."""
+    out_a, out_b = (torch.utils._pytree.tree_leaves(_run(m, example_inputs, False)) for m in (a, b))
+    diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(out_a, out_b, strict=True)
+             if isinstance(x, Tensor) and x.numel()]
+    return max(diffs, default=0.0)
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_state(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strip redundant biases
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StripReport:
+    removed: list[G.RedundantBias]
+    skipped: list[tuple[str, str]]  # (layer with a bias, why it stays)
+    parameters_removed: int
+    max_abs_diff: float
+
+    def summary(self) -> str:
+        lines = [f"removed {len(self.removed)} redundant biases ({self.parameters_removed} "
+                 f"parameters); max output difference in eval {self.max_abs_diff:.3g}"]
+        lines += [f"  {r.layer}.bias -> {r.bn}.running_mean"
+                  + (f" (through {', '.join(r.through)})" if r.through else "")
+                  for r in self.removed]
+        lines += [f"  kept {layer}.bias: {reason}" for layer, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def analyse_biases(model: nn.Module, example_inputs: Any):
+    """Redundant biases proven in both the training-mode and the eval-mode trace.
+
+    A forward may branch on self.training, so a bias counts only when both graphs prove it.
+    """
+    found_train, skipped_train = G.find_redundant_biases(G.traced_copy(model, example_inputs, True))
+    found_eval, skipped_eval = G.find_redundant_biases(G.traced_copy(model, example_inputs, False))
+    in_train = {(f.layer, f.bn): f for f in found_train}
+    found, skipped = [], dict(skipped_eval)
+    for f in found_eval:
+        twin = in_train.get((f.layer, f.bn))
+        if twin is not None and torch.equal(twin.channel_bias, f.channel_bias):
+            found.append(f)
+        else:
+            skipped.setdefault(f.layer, dict(skipped_train).get(
+                f.layer, "redundant in the eval-mode graph but not in the training-mode one"))
+    return found, sorted(skipped.items())
+
+
+def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, StripReport]:
+    """A copy of model without the biases its batch norms cancel, and a report.
+
+    Each removed bias b (as the BN's channels see it, c) is subtracted from the BN's running_mean:
+    training-mode outputs are unchanged because batch statistics absorb any per-channel
+    constant, eval-mode outputs because running_mean - c absorbs it, and later running-mean
+    updates keep the offset (see weights.absorb_bias). The gradients of every remaining
+    parameter are those of the original. The copy keeps the model's class and mode.
+    """
+    found, skipped = analyse_biases(model, example_inputs)
+    stripped = copy.deepcopy(model)
+    for f in found:
+        layer, bn = stripped.get_submodule(f.layer), stripped.get_submodule(f.bn)
+        if bn.running_mean is not None:
+            bn.running_mean = absorb_bias(bn.running_mean, f.channel_bias)
+        layer.bias = None
+    report = StripReport(found, skipped, sum(f.parameters for f in found),
+                         max_output_difference(model, stripped, example_inputs))
+    return stripped, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Fold eval-mode BN
+# ---------------------------------------------------------------------------------------------
+
+class BNRemnant(nn.Module):
+    """What is left of a folded BN that also added a residual or applied its fused ReLU."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        out = input if residual is None else input + residual
+        return torch.relu(out) if self.relu else out
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def _remnant(bn: nn.Module, node: fx.Node) -> nn.Module:
+    relu = bool(getattr(bn, "_relu", False))
+    if len(node.args) + len(node.kwargs) > 1:
+        return BNRemnant(relu)
+    return nn.ReLU() if relu else nn.Identity()
+
+
+@dataclasses.dataclass
+class FoldReport:
+    folded: list[G.FoldPlan]
+    skipped: list[tuple[str, str]]  # (BN, why it stays)
+    max_abs_diff: float
+    parameters_before: int
+    parameters_after: int
+    state_before: int  # numbers in the state_dict (parameters and buffers)
+    state_after: int
+    graph_module: bool  # True when a functional batch_norm was folded (the result is a GraphModule)
+
+    def summary(self) -> str:
+        lines = [f"folded {len(self.folded)} batch norms; parameters {self.parameters_before} -> "
+                 f"{self.parameters_after}, state_dict numbers {self.state_before} -> "
+                 f"{self.state_after}; max output difference in eval {self.max_abs_diff:.3g}"]
+        lines += [f"  {p.bn} {p.direction} {p.layer}" for p in self.folded]
+        lines += [f"  kept {bn}: {reason}" for bn, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _bn_tensors(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None):
+    """(running_mean, running_var, eps, weight, bias) of a BN module or an F.batch_norm call."""
+    if module is not None:
+        return module.running_mean, module.running_var, module.eps, module.weight, module.bias
+    named = G.functional_bn_args(node)
+    mean, var, gamma, beta = (None if named[k] is None else _fetch(gm, named[k].target)
+                              for k in ("running_mean", "running_var", "weight", "bias"))
+    return mean, var, named["eps"], gamma, beta
+
+
+def _drop_unread_attributes(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Delete tensors only the erased F.batch_norm calls read (so the state_dict shrinks too).
+
+    In a GraphModule only call_module targets run a forward; an attribute is safe to delete when
+    no get_attr reads it and its owner is neither such a target nor inside one.
+    """
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    leaves = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    for target in targets - read:
+        owner, _, name = target.rpartition(".")
+        if any(owner == leaf or owner.startswith(leaf + ".") for leaf in leaves):
+            continue
+        module = gm.get_submodule(owner)
+        module._buffers.pop(name, None)
+        module._parameters.pop(name, None)
+
+
+def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldReport]:
+    """An eval-mode copy of model with every foldable BN folded into a neighbouring layer.
+
+    A BN folds into the Conv/ConvTranspose/Linear before it when that layer's only user is the
+    BN and the layer is called once (a layer called twice would change its other call, the bug
+    of pytorch#197539), else into the Conv/Linear after it when that is exact (no zero padding).
+    Folded BN modules become Identity (nn.ReLU when they fused a ReLU, BNRemnant when they also
+    added a residual). F.batch_norm calls on stored tensors are folded too and removed from the
+    graph (pytorch#122070); then the result is a torch.fx.GraphModule, otherwise the model's own
+    class. The model passed in is left untouched.
+    """
+    folded = copy.deepcopy(model).eval()
+    traced = G.trace(folded, example_inputs)
+    gm = traced.graph_module
+    plans, skipped = G.plan_folds(traced)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    graph_changed, erased_attributes = False, set()
+    for plan in plans:
+        node = nodes[plan.bn] if plan.functional else by_target[plan.bn]
+        bn = None if plan.functional else gm.get_submodule(plan.bn)
+        mean, var, eps, gamma, beta = _bn_tensors(gm, node, bn)
+        layer = gm.get_submodule(plan.layer)
+        groups = getattr(layer, "groups", 1)
+        if plan.direction == "into previous":
+            w, b = fold_bn_weights(layer.weight, layer.bias, mean, var, eps, gamma, beta,
+                                   transposed=isinstance(layer, G.CONV_TRANSPOSES), groups=groups)
+        else:
+            w, b = fold_bn_into_next_weights(layer.weight, layer.bias, mean, var, eps, gamma,
+                                             beta, groups=groups)
+        layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)  # new tensors:
+        layer.bias = nn.Parameter(b)  # a weight tied elsewhere keeps its value there
+        if plan.functional:
+            named = G.functional_bn_args(node)
+            keys = ("running_mean", "running_var", "weight", "bias")
+            erased_attributes |= {named[k].target for k in keys if named[k] is not None}
+            node.replace_all_uses_with(G.bn_input(node))
+            gm.graph.erase_node(node)
+            graph_changed = True
+        else:
+            remnant = _remnant(bn, node)
+            _set_submodule(folded, plan.bn, remnant)
+            _set_submodule(gm, plan.bn, remnant)
+    result: nn.Module = folded
+    if graph_changed:
+        gm.graph.eliminate_dead_code()
+        _drop_unread_attributes(gm, erased_attributes)
+        gm.recompile()
+        result = gm
+    report = FoldReport(plans, skipped, max_output_difference(model, result, example_inputs),
+                        _count_parameters(model), _count_parameters(result), _count_state(model),
+                        _count_state(result), graph_changed)
+    return result, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspect
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Inspection:
+    rows: list[dict[str, Any]]  # one per BN, in graph order
+    redundant: list[G.RedundantBias]
+    kept_biases: list[tuple[str, str]]
+    folds: list[G.FoldPlan]
+    not_folded: list[tuple[str, str]]
+    parameters: int
+    parameters_saved_by_strip: int
+    parameters_saved_by_fold: int
+    state_saved_by_fold: int
+
+
+def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
+    """Everything the tools would do to model, without doing it (fold and strip run on copies)."""
+    redundant, kept = analyse_biases(model, example_inputs)
+    traced = G.traced_copy(model, example_inputs, False)
+    _, fold_report = fold_bn(model, example_inputs)
+    fold_of = {p.bn: p for p in fold_report.folded}
+    skip_of = dict(fold_report.skipped)
+    bias_of = {r.bn: r.layer for r in redundant}
+    rows = []
+    for node in traced.graph_module.graph.nodes:
+        module = traced.module(node)
+        if isinstance(module, _BatchNorm):
+            name, kind = str(node.target), type(module).__name__
+            channels, eps, affine = module.num_features, module.eps, module.affine
+            stats = "running" if module.running_mean is not None else "batch"
+            tracked = (int(module.num_batches_tracked) if module.num_batches_tracked is not None
+                       else "-")
+        elif G.functional_bn_args(node) is not None:
+            named = G.functional_bn_args(node)
+            name, kind, eps = node.name, "F.batch_norm", named["eps"]
+            channels = traced.shape(node)[1]
+            affine = named["weight"] is not None
+            stats, tracked = ("running" if named["running_mean"] is not None else "batch"), "-"
+        else:
+            continue
+        plan = fold_of.get(name)
+        rows.append({"bn": name, "type": kind, "channels": channels, "eps": eps, "affine": affine,
+                     "stats": stats, "batches": tracked,
+                     "fold": f"{plan.direction} {plan.layer}" if plan else
+                             f"no: {skip_of.get(name, '?')}",
+                     "redundant_bias": bias_of.get(name, "-")})
+    return Inspection(rows, redundant, kept, fold_report.folded, fold_report.skipped,
+                      fold_report.parameters_before, sum(r.parameters for r in redundant),
+                      fold_report.parameters_before - fold_report.parameters_after,
+                      fold_report.state_before - fold_report.state_after)
