@@ -7,9 +7,10 @@ in ops.py and the kernels. Extras beyond torch's signature are keyword-only:
     relu=True  ReLU fused into the same pass, forward and backward
 
 Deliberate difference from torch: a training batch whose statistics are not finite (NaN or Inf
-in the input) does not update running_mean / running_var; they keep their values, a
-RuntimeWarning says so (on CPU, where checking costs no device sync) and, for modules,
-num_batches_tracked does not count the batch. torch would write NaN into the buffers and every
+in the input) does not update running_mean / running_var; they keep their values, and for
+modules num_batches_tracked does not count the batch. On CPU a RuntimeWarning says so; on GPUs
+and under torch.compile the skip happens on the device, without a warning (a warning would need a
+host synchronisation in every training step). torch would write NaN into the buffers and every
 later eval-mode output would be NaN (pytorch#115500).
 """
 
@@ -111,30 +112,47 @@ def _update_running_stats(
 
     running_var takes the unbiased estimate m2 / (count - 1) (Bessel's correction), although the
     batch was normalized with the biased one, m2 / count: the paper's Algorithm 2, and torch.
-    Written without host synchronisation (torch.where, tensor factor), so that torch.compile
-    traces it whole, momentum=None included.
+    m2 is NaN whenever any input value is NaN or infinite, so it alone tells a bad batch.
     """
-    finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    unbiased_var = m2 / (count - 1)
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Reading a flag costs nothing on the CPU: branch, and warn about a bad batch.
+        if not bool(torch.isfinite(m2).all()):
+            warnings.warn(
+                "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
+                "input); running_mean and running_var were left unchanged",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else 1.0 / int(num_batches_tracked)
+        _lerp_(running_mean, mean, factor)
+        _lerp_(running_var, unbiased_var, factor)
+        return
+    # Traceable and free of host synchronisation (GPU, torch.compile with momentum=None too):
+    # the same update through torch.where and a tensor factor.
+    finite = torch.isfinite(m2).all()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
     if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
     else:
         factor = momentum
-    unbiased_var = m2 / (count - 1)
-    new_mean = running_mean.to(mean.dtype) + factor * (mean - running_mean.to(mean.dtype))
-    new_var = running_var.to(mean.dtype) + factor * (unbiased_var - running_var.to(mean.dtype))
-    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
-    running_var.copy_(torch.where(finite, new_var, running_var.to(mean.dtype)))
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(finite):
-        warnings.warn(
-            "batch_norm: this training batch has non-finite statistics (NaN or Inf in the input); "
-            "running_mean and running_var were left unchanged",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        current = running.to(batch.dtype)
+        running.copy_(torch.where(finite, current + factor * (batch - current), current))
+
+
+def _lerp_(running: Tensor, batch: Tensor, factor: float) -> None:
+    """running += factor * (batch - running), in the batch statistics' precision."""
+    if running.dtype == batch.dtype:
+        running.lerp_(batch, factor)
+    else:  # float16 / bfloat16 buffers: update in float32, store rounded
+        running.copy_(running.to(batch.dtype).lerp_(batch, factor))
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

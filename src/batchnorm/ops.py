@@ -115,12 +115,12 @@ def _elemt_backward(ctx, grad_out):
     input, mean, invstd, weight, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=memory_format(input))
-    sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, output)
+    sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, output)
     w = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     grad_input = grad_mean = grad_invstd = grad_weight = grad_bias = grad_residual = None
     if needs[0]:
         zero = torch.zeros_like(mean)
-        grad_input = backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
+        grad_input = _backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
     if needs[1]:
         grad_mean = -invstd * w * sum_dy
     if needs[2]:
@@ -260,6 +260,40 @@ def _relu_masked(grad_out: Tensor, relu_output: Tensor | None) -> Tensor:
     return torch.where(relu_output > 0, grad_out, torch.zeros_like(grad_out))
 
 
+def _plain_eager(t: Tensor) -> bool:
+    """True when calling an op would only route to its kernel: autograd is not recording, and
+    nothing traces or intercepts (torch.compile, FakeTensor, functorch transforms, dispatch or
+    torch-function modes). Then the composition below calls the kernel directly and skips the
+    dispatcher's round trip through Python, which costs more than the kernel on small tensors."""
+    return (
+        not torch.is_grad_enabled()
+        and type(t) is Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+def _stats(input):
+    return kernels.backend_for(input).stats(input) if _plain_eager(input) else stats(input)
+
+
+def _elemt(input, mean, invstd, weight, bias, residual, relu):
+    fn = kernels.backend_for(input).elemt if _plain_eager(input) else elemt
+    return fn(input, mean, invstd, weight, bias, residual, relu)
+
+
+def _backward_reduce(grad_out, input, mean, invstd, output):
+    fn = kernels.backend_for(input).backward_reduce if _plain_eager(input) else backward_reduce
+    return fn(grad_out, input, mean, invstd, output)
+
+
+def _backward_elemt(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
+    fn = kernels.backend_for(input).backward_elemt if _plain_eager(input) else backward_elemt
+    return fn(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output)
+
+
 class StatsSync(Protocol):
     """What SyncBatchNorm adds to the single-process path: one collective after each reduce."""
 
@@ -275,13 +309,13 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync):
-        mean, m2 = stats(input)
+        mean, m2 = _stats(input)
         count = _count(input)
         if sync is not None:
             mean, m2, count = sync.combine_stats(mean, m2, count)
         var = m2 / count  # biased: the normalization uses the batch's own variance
         invstd = torch.rsqrt(var + eps)
-        output = elemt(input, mean, invstd, weight, bias, residual, relu)
+        output = _elemt(input, mean, invstd, weight, bias, residual, relu)
         ctx.eps, ctx.sync, ctx.count = eps, sync, count
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -301,14 +335,14 @@ class _BatchNormTrain(torch.autograd.Function):
                 raise NotImplementedError("double backward through SyncBatchNorm is not supported")
             mean, m2 = stats(input)
             invstd = torch.rsqrt(m2 / ctx.count + ctx.eps)
-        sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, relu_output)
+        sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, relu_output)
         local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat  # parameter grads are per rank
         if ctx.sync is not None:
             sum_dy, sum_dy_xhat = ctx.sync.sum_grads(sum_dy, sum_dy_xhat)
         grad_input = grad_weight = grad_bias = grad_residual = None
         if ctx.needs_input_grad[0]:
-            grad_input = backward_elemt(grad_out, input, mean, invstd, weight,
-                                        sum_dy / ctx.count, sum_dy_xhat / ctx.count, relu_output)
+            grad_input = _backward_elemt(grad_out, input, mean, invstd, weight,
+                                         sum_dy / ctx.count, sum_dy_xhat / ctx.count, relu_output)
         if ctx.needs_input_grad[1]:
             grad_weight = local_sum_dy_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -347,4 +381,4 @@ def batch_norm_eval(
     """Normalize with given statistics (running estimates): one elementwise pass."""
     acc = stat_dtype(input.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)
-    return elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
+    return _elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
