@@ -16,15 +16,14 @@ from hypothesis.extra.numpy import arrays
 
 import batchnorm
 from batchnorm import reference as R
+from tests.utils import tolerance
 
-# Tolerances by dtype (rtol, atol); the reference is float64 throughout. Central differences
-# with h = 1e-6 carry O(h^2) truncation and O(1e-16 / h) rounding error: about 1e-9 per entry.
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    "central_difference": dict(rtol=1e-5, atol=1e-6),
-}
-TOL = TOLERANCES[torch.float64]
-FD_TOL = TOLERANCES["central_difference"]
+# Tolerances: tests.utils' table keyed by dtype (the reference runs in float64), and central
+# differences with h = 1e-6, which carry O(h^2) truncation and O(1e-16 / h) rounding error:
+# about 1e-9 per entry.
+TOL = tolerance(torch.float64)
+FD_TOL = dict(rtol=1e-5, atol=1e-6)
+
 
 # (shape, channel axis): every rank, channels-last, and the odd sizes (1 channel, batch 2, primes,
 # spatial 1x1, one value per channel along a spatial axis).
@@ -145,6 +144,19 @@ def test_float32_input_is_computed_in_float64():
     assert y.dtype == np.float64
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_runs_every_stage_in_that_dtype(dtype):
+    x, gamma, beta, dy = _case((6, 3, 5), 1)
+    y, cache = R.train_forward(x, gamma, beta, dtype=dtype)
+    y64, cache64 = R.train_forward(x, gamma, beta)
+    dx, dgamma, dbeta = R.backward_closed_form(dy, cache)
+    assert y.dtype == cache.x_hat.dtype == dx.dtype == dgamma.dtype == np.dtype(dtype)
+    assert R.eval_forward(x, cache.mean, cache.var, gamma, beta, dtype=dtype).dtype == dtype
+    tol = tolerance(torch.float32 if dtype == np.float32 else torch.float64, cache.m)
+    _assert_close(y, y64, tol)
+    _assert_close(dx, R.backward_closed_form(dy, cache64)[0], tol)
+
+
 # ----------------------------------------------------------------------------------------------
 # Algorithm 2 and the running statistics
 
@@ -251,6 +263,7 @@ def test_update_running_stats_is_pure():
         (lambda: R.train_forward(np.ones((4, 3)), eps=0.0), "eps must be positive"),
         (lambda: R.train_forward(np.ones((4, 3)), axis=2), "out of range"),
         (lambda: R.train_forward(np.ones((4, 3)), axis=0), "batch axis"),
+        (lambda: R.train_forward(np.ones((4, 3)), dtype=np.int64), "floating-point"),
         (lambda: R.eval_forward(np.ones((4, 3)), np.zeros(4), np.ones(3)), "running_mean"),
         (lambda: R.eval_forward(np.ones((4, 3)), np.zeros(3), np.ones(3), eps=-1.0), "eps"),
         (lambda: R.backward_stages(np.ones((4, 2)), R.train_forward(np.eye(4)[:, :3])[1]),
@@ -390,3 +403,21 @@ def test_constant_momentum_is_a_geometric_weighting(sequence, momentum):
         w * x.var(0, ddof=1) for w, x in zip(weights, sequence, strict=True))
     np.testing.assert_allclose(running_mean, expected_mean, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(running_var, expected_var, rtol=1e-10, atol=1e-9)
+
+
+@PROPERTY_SETTINGS
+@given(batches(), st.sampled_from([1e-5, 1e-1]), st.integers(0, 2**32 - 1))
+def test_backward_stages_equal_closed_form_and_dx_sums_to_zero(batch, eps, seed):
+    """The two backward passes agree on any batch; and since y does not change when a constant
+    is added to a channel (exact shift invariance), dx sums to zero over each channel."""
+    x, axis = batch
+    rng = np.random.default_rng(seed)
+    channels = x.shape[axis]
+    gamma, beta, dy = rng.normal(size=channels), rng.normal(size=channels), rng.normal(size=x.shape)
+    _, cache = R.train_forward(x, gamma, beta, eps, axis=axis)
+    stages, closed = R.backward_stages(dy, cache), R.backward_closed_form(dy, cache)
+    for a, b in zip(stages, closed, strict=True):
+        # gradients scale with invstd <= 1/sqrt(eps): compare relative to that size
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8 / np.sqrt(eps))
+    dims = tuple(a for a in range(x.ndim) if a != cache.axis)
+    np.testing.assert_allclose(stages[0].sum(axis=dims), 0.0, atol=1e-8 / np.sqrt(eps))

@@ -75,22 +75,32 @@ def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a != axis)
 
 
-def _per_channel(values, name: str, channels: int, ndim: int, axis: int, default: float):
-    """A (C,) vector reshaped to broadcast against the input: (1, C, 1, 1) for axis=1 of 4D.
+def _per_channel(values, name: str, x: np.ndarray, axis: int, default: float) -> np.ndarray:
+    """A (C,) vector in x's dtype, shaped to broadcast against x: (1, C, 1, 1) for axis=1 of 4D.
 
     None stands for the default (gamma = 1, beta = 0: no affine).
     """
+    channels = x.shape[axis]
     if values is None:
         values = np.full(channels, default)
-    values = np.asarray(values)
+    values = np.asarray(values, dtype=x.dtype)
     if values.shape != (channels,):
         raise ValueError(
             f"{name} should have one value per channel, shape ({channels},), got shape "
             f"{values.shape}"
         )
-    shape = [1] * ndim
+    shape = [1] * x.ndim
     shape[axis] = channels
     return values.reshape(shape)
+
+
+def _as_float(x, dtype) -> np.ndarray:
+    """x as an array of the floating dtype the computation runs in."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"dtype must be a floating-point type (float64, float32, ...), "
+                         f"got {dtype}")
+    return np.asarray(x, dtype=dtype)
 
 
 def _check_eps(eps: float) -> None:
@@ -117,15 +127,16 @@ class Cache:
     axis: int            # the channel axis (non-negative)
 
 
-def train_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1):
+def train_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1, *,
+                  dtype=np.float64):
     """Algorithm 1: normalize with the batch's own statistics, then scale and shift.
 
     x: (N, C, *) with axis=1, or channels-last (N, *, C) with axis=-1; gamma, beta: (C,) or None.
     Returns (y, cache): y has x's shape; cache holds what backward needs and the batch's mean and
-    biased variance (cache.mean, cache.var) for update_running_stats.
+    biased variance (cache.mean, cache.var) for update_running_stats. Every stage runs in `dtype`
+    (float64 by default: the specification; float32 models a float32 computation).
     """
-    x = np.asarray(x)
-    x = x.astype(np.result_type(x.dtype, np.float64), copy=False)  # float64 (or wider)
+    x = _as_float(x, dtype)
     axis = _channel_axis(x, axis)
     channels = x.shape[axis]
     dims = _reduce_axes(x.ndim, axis)
@@ -136,8 +147,8 @@ def train_forward(x, gamma=None, beta=None, eps: float = 1e-5, axis: int = 1):
             f"got {m} for input of shape {x.shape} (channel axis {axis})"
         )
     _check_eps(eps)
-    gamma = _per_channel(gamma, "gamma", channels, x.ndim, axis, default=1.0)
-    beta = _per_channel(beta, "beta", channels, x.ndim, axis, default=0.0)
+    gamma = _per_channel(gamma, "gamma", x, axis, default=1.0)
+    beta = _per_channel(beta, "beta", x, axis, default=0.0)
 
     mu = x.mean(axis=dims, keepdims=True)        # stage 1   mean over the batch    (1, C, 1..)
     xmu = x - mu                                 # stage 2   centre
@@ -231,21 +242,20 @@ def backward_closed_form(dy, cache: Cache):
 
 
 def eval_forward(x, running_mean, running_var, gamma=None, beta=None, eps: float = 1e-5,
-                 axis: int = 1):
+                 axis: int = 1, *, dtype=np.float64):
     """Algorithm 2, step 11: y = gamma / sqrt(Var[x] + eps) * x + (beta - gamma E[x] / sqrt(..)).
 
     A fixed per-channel affine map of x (which is why eval-mode BN folds into a neighbouring
     conv or linear layer). running_mean, running_var: (C,), the population estimates E[x], Var[x].
+    Computed in `dtype` (float64 by default).
     """
-    x = np.asarray(x)
-    x = x.astype(np.result_type(x.dtype, np.float64), copy=False)  # float64 (or wider)
+    x = _as_float(x, dtype)
     axis = _channel_axis(x, axis)
-    channels = x.shape[axis]
     _check_eps(eps)
-    mean = _per_channel(running_mean, "running_mean", channels, x.ndim, axis, default=0.0)
-    var = _per_channel(running_var, "running_var", channels, x.ndim, axis, default=1.0)
-    gamma = _per_channel(gamma, "gamma", channels, x.ndim, axis, default=1.0)
-    beta = _per_channel(beta, "beta", channels, x.ndim, axis, default=0.0)
+    mean = _per_channel(running_mean, "running_mean", x, axis, default=0.0)
+    var = _per_channel(running_var, "running_var", x, axis, default=1.0)
+    gamma = _per_channel(gamma, "gamma", x, axis, default=1.0)
+    beta = _per_channel(beta, "beta", x, axis, default=0.0)
 
     scale = gamma / np.sqrt(var + eps)     # gamma / sqrt(Var[x] + eps)       (1, C, 1..)
     shift = beta - scale * mean            # beta - gamma E[x] / sqrt(..)     (1, C, 1..)
