@@ -1,0 +1,103 @@
+"""`batchnorm paper`: Figure 1 of Ioffe & Szegedy (2015), section 4.1, on MNIST.
+
+    data.py           the embedded 5,000-image MNIST sample, or real MNIST IDX files (--mnist DIR)
+    experiment.py     settings, the shared training loop, the recorded history, the summary
+    torch_engine.py   the networks on batchnorm.BatchNorm1d (ours), autograd, float32
+    numpy_engine.py   the same networks on batchnorm.reference, backward by hand, float64
+    plot.py           the three-panel figure
+
+Writes OUT/figure1.png and OUT/figure1.json and prints the summary table.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from batchnorm.paper.data import DataError, load_embedded_mnist, load_mnist_idx
+from batchnorm.paper.experiment import ENGINES, Settings, format_summary, run_experiment
+
+__all__ = ["add_arguments", "run", "use_one_thread", "Settings", "run_experiment"]
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")
+
+
+def use_one_thread() -> list[str]:
+    """One thread for torch, numba and BLAS: on (60, 100) matrices threads cost more than they
+    give, and torch's and numba's OpenMP runtimes fight over the cores.
+
+    The environment variables only reach pools not started yet (they are set for child
+    processes and for numba / BLAS when not yet loaded); torch and numba are also told directly.
+    Returns the notes about what could not be limited (BLAS pools already started), for the
+    caller to print.
+    """
+    notes = []
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")
+    import torch
+    torch.set_num_threads(1)
+    if "numba" in sys.modules:
+        import numba
+        numba.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits  # optional: limits BLAS already loaded
+    except ImportError:
+        if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+            notes.append("NumPy's BLAS may use several threads: set OMP_NUM_THREADS=1 "
+                         "OPENBLAS_NUM_THREADS=1 before starting Python, or install threadpoolctl")
+    else:
+        threadpool_limits(1)
+    return notes
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    defaults = Settings()
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"training steps of both networks (default {defaults.steps}, the "
+                             f"paper's)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the initial weights and the batch order (default 0)")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help=f"SGD learning rate (default {defaults.lr}, our choice)")
+    parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
+                        help="torch: batchnorm.BatchNorm1d with autograd (default); numpy: "
+                             "batchnorm.reference with the backward pass by hand")
+    parser.add_argument("--mnist", metavar="DIR", default=None,
+                        help="directory of the real MNIST IDX files (train-images-idx3-ubyte, "
+                             "train-labels-idx1-ubyte, t10k-..., gzipped or not); default: the "
+                             "embedded 5,000-image sample")
+    parser.add_argument("--out", metavar="DIR", default=os.path.join("out", "paper"),
+                        help="directory for figure1.png and figure1.json (default out/paper)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    for note in use_one_thread():
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        settings = Settings(steps=args.steps, seed=args.seed, lr=args.lr, engine=args.engine)
+    except ValueError as error:
+        print(f"batchnorm paper: {error}", file=sys.stderr)
+        return 2
+    try:
+        data = load_mnist_idx(args.mnist) if args.mnist else load_embedded_mnist()
+    except (FileNotFoundError, DataError) as error:
+        print(f"batchnorm paper: {error}", file=sys.stderr)
+        return 1
+    print(f"data: {data.source}", file=sys.stderr)
+    result = run_experiment(data, settings, progress=not args.quiet)
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "figure1.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(format_summary(result))
+    try:
+        from batchnorm.paper.plot import plot_figure1
+        png_path = plot_figure1(result, os.path.join(args.out, "figure1.png"))
+    except ImportError as error:
+        print(f"\nwrote {json_path}; no figure: {error}")
+        return 0
+    print(f"\nwrote {png_path} and {json_path}")
+    return 0
