@@ -41,7 +41,8 @@ PRODUCERS = CONVS + CONV_TRANSPOSES + (nn.Linear,)
 
 _AFFINE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
-                   nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+                   nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d,
+                   nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d,
                    nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
                    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
                    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)

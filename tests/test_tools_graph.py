@@ -1,0 +1,226 @@
+"""What the graph analysis must report, and what it must leave alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchnorm
+from batchnorm.tools import TraceError, fold_bn, strip_redundant_biases
+from batchnorm.tools.graph import find_redundant_biases, plan_folds, traced_copy
+
+X4 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+
+def _redundant(model, x=X4):
+    found, skipped = find_redundant_biases(traced_copy(model.double(), x, False))
+    return {f.layer for f in found}, dict(skipped)
+
+
+def _folds(model, x=X4):
+    plans, skipped = plan_folds(traced_copy(model.double(), x, False))
+    return {p.bn: p for p in plans}, dict(skipped)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for k, v in modules.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def seq(*layers):
+    return nn.Sequential(*layers)
+
+
+# ---- cases that must be left alone ---------------------------------------------------------
+
+def test_relu_between_is_not_redundant():
+    found, skipped = _redundant(seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)))
+    assert found == set() and "does not commute" in skipped["0"]
+
+
+def test_output_used_twice_is_not_redundant():
+    def forward(s, x):
+        y = s.conv(x)
+        return s.bn(y) + y  # y also reaches the output directly: its bias matters
+    model = Lambda(forward, conv=nn.Conv2d(3, 4, 3, padding=1), bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "2 users" in skipped["conv"]
+    assert _folds(model)[0] == {}
+
+
+def test_shared_module_is_neither_stripped_nor_folded():
+    def forward(s, x):
+        return s.bn1(s.conv(x)) + s.bn2(s.conv(x))  # pytorch#197539: conv called twice
+    model = Lambda(forward, conv=nn.Conv2d(3, 4, 3), bn1=nn.BatchNorm2d(4), bn2=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "called 2 times" in skipped["conv"]
+    plans, not_folded = _folds(model)
+    assert plans == {} and "called 2 times" in not_folded["bn1"]
+    folded, report = fold_bn(model, X4)
+    assert report.max_abs_diff < 1e-12
+
+
+def test_module_registered_under_two_names_counts_as_shared():
+    conv = nn.Conv2d(3, 4, 3)
+    model = Lambda(lambda s, x: s.bn1(s.a(x)) + s.bn2(s.b(x)), a=conv, b=conv,
+                   bn1=nn.BatchNorm2d(4), bn2=nn.BatchNorm2d(4))
+    assert _redundant(model)[0] == set()
+
+
+def test_bn_called_twice_is_left_alone():
+    model = Lambda(lambda s, x: s.bn(s.c1(x)) + s.bn(s.c2(x)), c1=nn.Conv2d(3, 4, 3),
+                   c2=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "called 2 times" in skipped["c1"]
+
+
+@pytest.mark.parametrize("between, why", [
+    (nn.Dropout(0.1), "does not commute"),            # random mask multiplies the shift
+    (nn.ZeroPad2d(1), "not a per-channel constant"),   # padded zeros do not carry the bias
+    (nn.ConstantPad2d(1, 3.0), "not a per-channel constant"),  # nor does any padded constant
+    (nn.AvgPool2d(3, 1, padding=1), "not a per-channel constant"),  # counts padded zeros
+    (nn.Sigmoid(), "does not commute"),
+])
+def test_non_commuting_ops_between(between, why):
+    found, skipped = _redundant(seq(nn.Conv2d(3, 4, 3), between, nn.BatchNorm2d(4)))
+    assert found == set() and why in skipped["0"], skipped
+
+
+@pytest.mark.parametrize("between", [
+    nn.MaxPool2d(3, 2, padding=1), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(3), nn.Dropout(0.0),
+    nn.Upsample(scale_factor=2, mode="bilinear"), nn.ReflectionPad2d(1), nn.Identity(),
+])
+def test_commuting_ops_between_are_stripped_exactly(between):
+    model = seq(nn.Conv2d(3, 4, 3), between, nn.BatchNorm2d(4)).double()
+    found, _ = _redundant(model)
+    assert found == {"0"}
+    stripped, _ = strip_redundant_biases(model, X4)
+    for training in (True, False):
+        a, b = model.train(training), stripped.train(training)
+        torch.testing.assert_close(b(X4), a(X4), rtol=1e-10, atol=1e-10)
+
+
+def test_constant_pad_with_zero_is_not_redundant_even_if_the_bias_is_zero():
+    model = seq(nn.Conv2d(3, 4, 3), nn.ZeroPad2d(1), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[0].bias.zero_()  # structure decides, not today's values
+    assert _redundant(model)[0] == set()
+
+
+def test_linear_features_must_be_the_bn_channels():
+    x3 = torch.randn(4, 5, 6, dtype=torch.float64)  # (N, L, F): Linear acts on F, BN1d on L
+    model = seq(nn.Linear(6, 6), nn.BatchNorm1d(5))
+    found, skipped = _redundant(model, x3)
+    assert found == set() and "not a per-channel constant" in skipped["0"]
+    assert "not the BN's channel dim" in _folds(model, x3)[1]["1"]
+    # transposed to (N, F, L), the features are BN's channels again
+    model = Lambda(lambda s, x: s.bn(s.fc(x).transpose(1, 2)), fc=nn.Linear(6, 6),
+                   bn=nn.BatchNorm1d(6))
+    assert _redundant(model, x3)[0] == {"fc"}
+    stripped, report = strip_redundant_biases(model.double(), x3)
+    assert report.max_abs_diff < 1e-12
+
+
+def test_flatten_maps_the_bias_onto_bn1d_features():
+    x = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    model = seq(nn.Conv2d(3, 5, 1), nn.Flatten(), nn.BatchNorm1d(5)).double()
+    assert _redundant(model, x)[0] == {"0"}
+    # flattening H*W > 1 gives BN1d(C*H*W) channels c*HW + s: each still one conv channel's bias
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    model = seq(nn.Conv2d(3, 5, 1), nn.Flatten(), nn.BatchNorm1d(20)).double()
+    found = find_redundant_biases(traced_copy(model, x, False))[0]
+    torch.testing.assert_close(found[0].channel_bias,
+                               model[0].bias.detach().repeat_interleave(4))
+    stripped, report = strip_redundant_biases(model, x)
+    model.train(), stripped.train()
+    torch.testing.assert_close(stripped(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_residual_input_is_not_the_bn_input():
+    model = Lambda(lambda s, x: s.bn(s.a(x), s.b(x)), a=nn.Conv2d(3, 4, 3),
+                   b=nn.Conv2d(3, 4, 3), bn=batchnorm.BatchNormAddReLU2d(4))
+    found, skipped = _redundant(model)
+    assert found == {"a"} and "residual" in skipped["b"]
+
+
+def test_conv_transpose_groups_fold_and_strip():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    model = seq(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=2), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+    folded, report = fold_bn(model.double(), x)
+    assert len(report.folded) == 1 and report.max_abs_diff < 1e-12
+
+
+def test_fold_into_next_conv_only_without_zero_padding():
+    for padding, mode, expect in ((0, "zeros", True), (1, "zeros", False), (1, "replicate", True)):
+        model = seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=padding, padding_mode=mode,
+                                                 groups=1))
+        with torch.no_grad():
+            model[0].running_mean.uniform_(-1, 1), model[0].weight.uniform_(0.5, 2)
+        folded, report = fold_bn(model.double(), X4)
+        assert (len(report.folded) == 1) == expect, report.summary()
+        assert report.max_abs_diff < 1e-12
+
+
+def test_grouped_next_conv_fold():
+    model = seq(batchnorm.BatchNorm2d(4), nn.Conv2d(4, 6, 3, groups=2, dilation=2))
+    with torch.no_grad():
+        model[0].running_mean.uniform_(-1, 1), model[0].bias.uniform_(-1, 1)
+    folded, report = fold_bn(model.double(), torch.randn(2, 4, 9, 9, dtype=torch.float64))
+    assert report.folded[0].direction == "into next" and report.max_abs_diff < 1e-12
+
+
+def test_functional_batch_norm_is_folded():
+    class FunctionalBN(nn.Module):  # pytorch#122070: F.batch_norm in the forward
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("mean", torch.randn(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+            self.gamma, self.beta = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta)
+
+    model = FunctionalBN().double().eval()
+    folded, report = fold_bn(model, X4)
+    assert report.graph_module and len(report.folded) == 1
+    assert report.max_abs_diff < 1e-12
+    assert set(folded.state_dict()) == {"conv.weight", "conv.bias"}
+    assert "batch_norm" not in folded.code
+
+
+def test_bn_without_running_stats_is_not_folded_but_its_bias_is_redundant():
+    model = seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    assert "batch statistics" in _folds(model)[1]["1"]
+    assert _redundant(model)[0] == {"0"}
+    stripped, report = strip_redundant_biases(model.double(), X4)
+    assert report.max_abs_diff < 1e-12
+
+
+def test_untraceable_model_names_what_failed():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # control flow on a tensor's value
+
+    model = seq(nn.Conv2d(3, 4, 3), nn.Sequential(Branchy()), nn.BatchNorm2d(4))
+    with pytest.raises(TraceError, match=r"1\.0 \(Branchy\)"):
+        strip_redundant_biases(model, X4)
+    with pytest.raises(TraceError, match="could not trace"):
+        fold_bn(model, X4)
+
+
+def test_branch_on_training_counts_only_when_both_modes_prove_it():
+    def forward(s, x):
+        y = s.conv(x)
+        return s.bn(F.relu(y) if s.training else y)
+    model = Lambda(forward, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    stripped, report = strip_redundant_biases(model.double(), X4)
+    assert report.removed == [] and stripped.conv.bias is not None
