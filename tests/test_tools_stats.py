@@ -1,0 +1,105 @@
+"""recalibrate ("precise BN") against an independent float64 computation; diagnose's flags."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchnorm
+from batchnorm.tools import diagnose, recalibrate
+
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(),
+                         nn.Conv2d(4, 5, 3), batchnorm.BatchNorm2d(5, momentum=None),
+                         nn.Flatten(), nn.Linear(5 * 4 * 4, 6),
+                         nn.BatchNorm1d(6, track_running_stats=False)).double()
+
+
+def _batches(sizes=(3, 5, 2), shift=0.0):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64) * 2 + 1 + shift
+            for n in sizes]
+
+
+def _reference_stats(model, batches):
+    """Pooled mean and unbiased variance of each BN's input, recomputed by hand: the network in
+    training mode, each batch normalized upstream by its own statistics."""
+    inputs1, inputs2 = [], []
+    for x in batches:
+        h1 = model[0](x)
+        inputs1.append(h1)
+        h = F.relu(F.batch_norm(h1, None, None, model[1].weight, model[1].bias, True))
+        inputs2.append(model[3](h))
+    out = []
+    for hs in (inputs1, inputs2):
+        flat = torch.cat([h.transpose(0, 1).reshape(h.shape[1], -1) for h in hs], 1)
+        out.append((flat.mean(1), flat.var(1, unbiased=True)))
+    return out
+
+
+def test_recalibrate_is_the_pooled_mean_and_unbiased_variance():
+    model = _net()
+    batches = _batches()
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    tracked = [model[1].num_batches_tracked.clone(), model[4].num_batches_tracked.clone()]
+    model.eval()
+    with torch.no_grad():
+        expected = _reference_stats(model, batches)
+    report = recalibrate(model, batches)
+    assert report.layers == ["1", "4"] and report.batches == 3
+    assert report.samples["1"] == 10 * 6 * 6
+    assert [name for name, _ in report.skipped] == ["7"]
+    for bn, (mean, var) in zip((model[1], model[4]), expected, strict=True):
+        torch.testing.assert_close(bn.running_mean, mean, **TOLERANCES[torch.float64])
+        torch.testing.assert_close(bn.running_var, var, **TOLERANCES[torch.float64])
+    assert model[1].momentum == 0.3 and model[4].momentum is None
+    assert not model.training and not any(m.training for m in model.modules())
+    assert torch.equal(model[1].num_batches_tracked, tracked[0])
+    assert torch.equal(model[4].num_batches_tracked, tracked[1])
+    assert all(torch.equal(p, params[k]) for k, p in model.named_parameters())
+
+
+def test_recalibrate_does_not_depend_on_how_the_first_layer_batches_are_split():
+    # the first BN's input does not depend on batching: one batch of 10 or three give the same
+    model_a, model_b = _net(), _net()
+    batches = _batches()
+    recalibrate(model_a, batches)
+    recalibrate(model_b, [torch.cat(batches)])
+    torch.testing.assert_close(model_a[1].running_var, model_b[1].running_var,
+                               **TOLERANCES[torch.float64])
+    torch.testing.assert_close(model_a[1].running_mean, model_b[1].running_mean,
+                               **TOLERANCES[torch.float64])
+
+
+def test_recalibrate_needs_batches():
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate(_net(), [])
+
+
+def test_diagnose_flags_stale_statistics_and_clears_recalibrated_ones():
+    model = _net()
+    # never trained: running stats are the initial (0, 1) and num_batches_tracked is 0
+    report = diagnose(model, _batches())
+    assert [d.flagged for d in report.layers] == [True, True]
+    assert "never updated" in report.layers[0].why and "recalibrate" in report.summary
+    assert [name for name, _ in report.not_checked] == ["7"]
+    # recalibrated on one large batch, in eval mode each layer sees what it was calibrated on
+    # (up to running_var being the unbiased variance): nothing is flagged
+    data = _batches(sizes=(64,))
+    recalibrate(model, data)
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(100), model[4].num_batches_tracked.fill_(100)
+    report = diagnose(model, data)
+    assert not any(d.flagged for d in report.layers), report.table()
+    assert report.layers[0].mean_shift < 1e-8 and "describe these batches" in report.summary
+    # a shifted input distribution: the first layer is flagged and named first in the summary
+    state = copy.deepcopy(model.state_dict())
+    report = diagnose(model, _batches(sizes=(16,), shift=5.0))
+    assert report.layers[0].flagged and "The first to run is 1:" in report.summary
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
