@@ -1,0 +1,380 @@
+"""kernels/triton.py on the CPU under the Triton interpreter, against float64 and composite.py.
+
+TRITON_INTERPRET=1 must be set before the @triton.jit kernels are defined (the decorator reads
+it), so it is set here, before the import; the kernels then run on CPU tensors. Tile sizes are
+shrunk with tile_config so small tensors cross every block boundary: batch larger than
+BLOCK_N, spatial sizes that are not multiples of BLOCK_S, channels not multiples of BLOCK_C,
+several splits (the combine kernels, looping over their own blocks) and one split (the
+reduction kernels' direct write). A last test compiles every kernel for a real GPU (sm_90)
+without a GPU, which the interpreter cannot check (types of loop-carried values, layouts).
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from batchnorm import kernels
+from batchnorm.kernels import composite
+from tests.utils import assert_close, to_layout
+
+_previous_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip(
+        "triton", reason="triton is not installed (pip install 'batchnorm[gpu]'): no GPU kernels")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from batchnorm.kernels import _triton_kernels
+
+    if not isinstance(_triton_kernels._elemt_kernel, InterpretedFunction):
+        importlib.reload(_triton_kernels)  # compiled earlier in this process: re-define them
+    from batchnorm.kernels import triton as triton_kernels
+finally:  # keep it from leaking into other test modules; _interpreter sets it per test
+    if _previous_interpret is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous_interpret
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Triton reads TRITON_INTERPRET again while running (lazy imports): keep it set."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+# Small tiles: every case below crosses each tile boundary at least once. The interpreter's cost
+# is per tile, not per element, so tensors are kept to a few tiles per op.
+SMALL_TILES = dict(reduce_tile=16, elementwise_tile=16, max_block_c=2, combine_block=2,
+                   target_programs=8)
+ONE_SPLIT = dict(SMALL_TILES, target_programs=1)
+
+
+def _reference_stats(x):
+    """float64 per-channel mean and M2."""
+    return composite.stats(x.double())
+
+
+def _count(x):
+    return x.numel() // x.shape[1]
+
+
+def _check_all_ops(x, weight=None, bias=None, residual=None, relu=False, tiles=SMALL_TILES):
+    """Run the four primitives on x and compare each with composite.py in float64.
+
+    Each op gets the same (float32) inputs as its reference, so one op's error does not
+    propagate into the next comparison.
+    """
+    dtype, count = x.dtype, _count(x)
+    with triton_kernels.tile_config(**tiles):
+        # stats
+        mean, m2 = triton_kernels.stats(x)
+        mean64, m2_64 = _reference_stats(x)
+        assert mean.dtype == m2.dtype == torch.float32
+        assert_close(mean, mean64, torch.float32, count, "mean")
+        assert_close(m2 / count, m2_64 / count, torch.float32, count, "M2 / count")
+        mean32 = mean64.float()
+        invstd = torch.rsqrt(m2_64 / count + 1e-5).float()
+
+        # elemt (+ affine, residual, ReLU)
+        y = triton_kernels.elemt(x, mean32, invstd, weight, bias, residual, relu)
+        args64 = [None if t is None else t.double() for t in (weight, bias, residual)]
+        y64 = composite.elemt(x.double(), mean32.double(), invstd.double(), *args64, relu)
+        y_composite = composite.elemt(x, mean32, invstd, weight, bias, residual, relu)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+        assert_close(y, y64, dtype, what="elemt vs float64")
+        assert_close(y, y_composite, dtype, what="elemt vs composite")
+
+        # backward_reduce, dy masked by the ReLU's output when fused
+        grad = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        grad = grad.contiguous(memory_format=_format_of(x))
+        output = y if relu else None
+        sum_dy, sum_dy_xhat = triton_kernels.backward_reduce(grad, x, mean32, invstd, output)
+        ref_dy, ref_dy_xhat = composite.backward_reduce(
+            grad.double(), x.double(), mean32.double(), invstd.double(),
+            None if output is None else output.double())
+        assert sum_dy.dtype == sum_dy_xhat.dtype == torch.float32
+        assert_close(sum_dy, ref_dy, torch.float32, count, "sum_dy")
+        assert_close(sum_dy_xhat, ref_dy_xhat, torch.float32, count, "sum_dy_xhat")
+
+        # backward_elemt with the training-mode means
+        mean_dy, mean_dy_xhat = (ref_dy / count).float(), (ref_dy_xhat / count).float()
+        dx = triton_kernels.backward_elemt(grad, x, mean32, invstd, weight, mean_dy,
+                                           mean_dy_xhat, output)
+        dx64 = composite.backward_elemt(
+            grad.double(), x.double(), mean32.double(), invstd.double(),
+            None if weight is None else weight.double(), mean_dy.double(),
+            mean_dy_xhat.double(), None if output is None else output.double())
+        assert dx.dtype == dtype and dx.stride() == torch.empty_like(x).stride()
+        assert_close(dx, dx64, dtype, what="backward_elemt vs float64")
+
+
+def _format_of(x):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _input(shape, layout="contiguous", dtype=torch.float32, seed=0, scale=2.0, offset=0.5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
+    return to_layout(x.to(dtype), layout)
+
+
+def _params(C, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes that cross every block boundary
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = [
+    # BLOCK_S = 16 < S = 21, N = 2 > BLOCK_N = 1, 4 splits merged 2 at a time
+    pytest.param((2, 2, 3, 7), "contiguous", SMALL_TILES, id="nchw-S-over-BLOCK_S"),
+    # C = 3 over BLOCK_C = 2, 30 rows over BLOCK_R = 8
+    pytest.param((2, 3, 3, 5), "channels_last", SMALL_TILES, id="cl-C-over-BLOCK_C"),
+    # large N, small spatial: BLOCK_N = 4 < N = 9, S = 3 not a multiple of BLOCK_S = 4
+    # (FlagGems' variance was wrong here)
+    pytest.param((9, 2, 1, 3), "contiguous", SMALL_TILES, id="nchw-largeN-smallS"),
+    pytest.param((9, 2, 3, 1), "channels_last", SMALL_TILES, id="cl-largeN-smallS"),
+    pytest.param((2, 2, 3, 7), "contiguous", ONE_SPLIT, id="nchw-one-split"),
+    pytest.param((2, 3, 3, 5), "channels_last", ONE_SPLIT, id="cl-one-split"),
+    pytest.param((3, 1, 3, 7), "channels_last", SMALL_TILES, id="one-channel"),
+    pytest.param((9, 3, 1, 1), "channels_last", SMALL_TILES, id="spatial-1x1"),
+    pytest.param((19, 3), "contiguous", SMALL_TILES, id="2d-N-C"),
+    pytest.param((3, 2, 10), "contiguous", SMALL_TILES, id="3d-N-C-L"),
+    pytest.param((2, 3, 2, 2, 3), "channels_last", SMALL_TILES, id="5d-channels-last-3d"),
+    pytest.param((3, 2, 11), "noncontiguous", SMALL_TILES, id="strided-view"),
+    pytest.param((3, 5, 7, 9), "contiguous", {}, id="default-tiles"),
+    pytest.param((3, 5, 7, 9), "channels_last", {}, id="default-tiles-cl"),
+]
+
+
+@pytest.mark.parametrize("shape,layout,tiles", SHAPES)
+def test_all_ops_match_float64(shape, layout, tiles):
+    x = _input(shape, layout)
+    weight, bias = _params(shape[1])
+    _check_all_ops(x, weight, bias, tiles=tiles)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computes_in_float32(dtype, layout):
+    # bf16 arithmetic in the interpreter is wrong unless upcast first: this fails if a kernel
+    # computes before converting. Parameters in float32, as under autocast.
+    x = _input((3, 3, 2, 7), layout, dtype)
+    weight, bias = _params(3)
+    residual = _input((3, 3, 2, 7), layout, dtype, seed=3)
+    _check_all_ops(x, weight, bias, residual, relu=True)
+
+
+@pytest.mark.parametrize(
+    "layout,affine,residual,relu",
+    [("contiguous", False, False, False), ("channels_last", True, False, True),
+     ("contiguous", False, True, True), ("channels_last", True, True, False),
+     ("contiguous", True, True, True)],
+    ids=["plain", "bn-relu-cl", "bn-add-relu-no-affine", "bn-add-cl", "bn-add-relu"],
+)
+def test_fused_variants(layout, affine, residual, relu):
+    shape = (2, 3, 2, 5)
+    x = _input(shape, layout)
+    weight, bias = _params(3) if affine else (None, None)
+    res = _input(shape, layout, seed=7) if residual else None
+    _check_all_ops(x, weight, bias, res, relu)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stats_stable_with_large_mean(layout):
+    # mean 1e4, unit variance, float32: E[x^2] - E[x]^2 would lose every digit; the shifted
+    # two-pass tiles and Chan merges must normalize within 1e-3 of float64.
+    x = _input((5, 2, 3, 7), layout, scale=1.0, offset=1e4)
+    with triton_kernels.tile_config(**SMALL_TILES):
+        mean, m2 = triton_kernels.stats(x)
+        var = m2 / _count(x)
+        y = triton_kernels.elemt(x, mean, torch.rsqrt(var + 1e-5), None, None, None, False)
+    mean64, m2_64 = _reference_stats(x)
+    var64 = m2_64 / _count(x)
+    y64 = (x.double() - mean64.view(1, -1, 1, 1)) / torch.sqrt(var64 + 1e-5).view(1, -1, 1, 1)
+    assert (var.double() / var64 - 1).abs().max() < 1e-4
+    assert (y.double() - y64).abs().max() < 1e-3
+
+
+def test_grad_sums_with_many_splits_and_combine_blocks():
+    # 4 splits of 6 x 8 tiles, merged two at a time by the combine kernels' loop
+    x = _input((8, 1, 2, 3))
+    with triton_kernels.tile_config(**dict(SMALL_TILES, reduce_tile=8, target_programs=4)):
+        mean, m2 = triton_kernels.stats(x)
+        invstd = torch.rsqrt(m2 / _count(x) + 1e-5)
+        grad = _input((8, 1, 2, 3), seed=5)
+        sums = triton_kernels.backward_reduce(grad, x, mean, invstd, None)
+    mean64, m2_64 = _reference_stats(x)
+    assert_close(mean, mean64, torch.float32, _count(x), "mean")
+    assert_close(m2, m2_64, torch.float32, _count(x), "M2")
+    ref = composite.backward_reduce(grad.double(), x.double(), mean.double(), invstd.double(),
+                                    None)
+    for ours, theirs in zip(sums, ref, strict=True):
+        assert_close(ours, theirs, torch.float32, _count(x), "gradient sums")
+
+
+def test_split_plan_covers_every_tile():
+    # The host-side plan: splits * tiles_per_split covers all tiles, and no split is empty.
+    with triton_kernels.tile_config(target_programs=100):
+        for num_tiles in (1, 2, 7, 100, 1001):
+            for programs in (1, 3, 64, 500):
+                splits, per = triton_kernels._splits(num_tiles, programs, torch.device("cpu"))
+                assert splits * per >= num_tiles > (splits - 1) * per
+                assert 1 <= splits <= num_tiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the custom ops and autograd, as the CUDA path runs them
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_forward_backward_through_ops(monkeypatch):
+    # Serve CPU tensors with the Triton kernels, as kernels/__init__ serves CUDA tensors.
+    from batchnorm import functional
+
+    calls = []
+
+    def recorded(name):
+        def run(*args):
+            calls.append(name)
+            return getattr(triton_kernels, name)(*args)
+        return run
+
+    serving = types.ModuleType("batchnorm.kernels.triton")
+    serving.DTYPES = triton_kernels.DTYPES
+    for name in ("stats", "elemt", "backward_reduce", "backward_elemt"):
+        setattr(serving, name, recorded(name))
+    monkeypatch.setattr(kernels, "_forced", None)
+    monkeypatch.setitem(kernels._loaded, "cpu", serving)
+    x = _input((6, 3, 5, 4), "channels_last").requires_grad_()
+    residual = _input((6, 3, 5, 4), "channels_last", seed=2).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _params(3))
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    assert kernels.backend_name(x) == "triton"
+    y = functional.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                              residual=residual, relu=True)
+    grad = _input((6, 3, 5, 4), "channels_last", seed=4)
+    grads = torch.autograd.grad(y, (x, weight, bias, residual), grad)
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    x64, w64, b64, r64 = leaves
+    rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y64 = torch.relu(torch.nn.functional.batch_norm(x64, rm64, rv64, w64, b64, training=True)
+                     + r64)
+    grads64 = torch.autograd.grad(y64, leaves, grad.double())
+    assert calls == ["stats", "elemt", "backward_reduce", "backward_elemt"]
+    assert_close(y, y64, torch.float32, what="output")
+    assert_close(running_mean, rm64, torch.float32, what="running_mean")
+    assert_close(running_var, rv64, torch.float32, what="running_var")
+    for name, ours, theirs in zip(("input", "weight", "bias", "residual"), grads, grads64,
+                                  strict=True):
+        assert_close(ours, theirs, torch.float32, _count(x), f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract details
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dtypes_and_availability(monkeypatch):
+    assert triton_kernels.DTYPES == {torch.float32, torch.float16, torch.bfloat16}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_kernels.available()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_kernels.available() == torch.cuda.is_available()
+
+
+def test_empty_input_uses_the_fallback():
+    x = torch.empty(0, 3, 4, 4)
+    mean, m2 = triton_kernels.stats(x)
+    assert mean.shape == m2.shape == (3,)
+    y = triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), None, None, None, True)
+    assert y.shape == x.shape
+
+
+def test_bad_arguments_are_named():
+    x = _input((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 3, 4, 4\)"):
+        triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), None, None,
+                             torch.zeros(2, 3, 4, 5), False)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), torch.ones(4), None, None, False)
+    with pytest.raises(ValueError, match=r"expect an input of shape \(N, C, \*\)"):
+        triton_kernels.stats(torch.zeros(5))
+
+
+def test_tile_config_rejects_non_powers_of_two():
+    with pytest.raises(ValueError, match="reduce_tile must be a power of two, got 48"):
+        with triton_kernels.tile_config(reduce_tile=48):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The real compiler, without a GPU
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from batchnorm.kernels import _triton_kernels as K
+
+# One compile per kernel, both branches of every flag across the cases; bf16 tensors,
+# float32 per-channel vectors.
+TENSORS = {"x_ptr", "out_ptr", "grad_ptr", "grad_input_ptr", "residual_ptr"}
+CASES = [
+    (K._stats_nchw_kernel, dict(BLOCK_N=4, BLOCK_S=512, FINAL=False)),
+    (K._stats_cl_kernel, dict(BLOCK_R=32, BLOCK_C=64, FINAL=True)),
+    (K._stats_combine_kernel, dict(BLOCK_P=16, BLOCK_C=32)),
+    (K._grad_sums_nchw_kernel, dict(HAS_OUTPUT=True, BLOCK_N=8, BLOCK_S=256)),
+    (K._grad_sums_cl_kernel, dict(HAS_OUTPUT=False, BLOCK_R=32, BLOCK_C=64)),
+    (K._sums_combine_kernel, dict(BLOCK_P=16, BLOCK_C=32)),
+    (K._elemt_kernel, dict(CHANNEL_IS_COLUMN=False, HAS_WEIGHT=True, HAS_BIAS=True,
+                           HAS_RESIDUAL=True, RELU=True, BLOCK_R=16, BLOCK_K=128)),
+    (K._backward_elemt_kernel, dict(CHANNEL_IS_COLUMN=True, HAS_WEIGHT=True, HAS_OUTPUT=True,
+                                    BLOCK_R=32, BLOCK_K=64)),
+]
+for kernel, constexprs in CASES:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16" if name in TENSORS else "*fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm["cubin"], kernel.__name__
+print("compiled", len(CASES))
+"""
+
+
+def _nvidia_backend_present():
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_present(),
+                    reason="this triton build has no NVIDIA backend to compile with")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 8" in result.stdout
