@@ -224,3 +224,35 @@ def test_branch_on_training_counts_only_when_both_modes_prove_it():
     model = Lambda(forward, conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
     stripped, report = strip_redundant_biases(model.double(), X4)
     assert report.removed == [] and stripped.conv.bias is not None
+
+
+@pytest.mark.parametrize("make_bn", [
+    lambda: nn.BatchNorm2d(4, momentum=None),  # cumulative average
+    lambda: batchnorm.BatchNorm2d(4, momentum=0.5),
+    lambda: batchnorm.BatchNormReLU2d(4),
+])
+def test_strip_keeps_running_stats_offset_for_every_momentum(make_bn):
+    torch.manual_seed(0)
+    model = seq(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), make_bn()).double()
+    stripped, report = strip_redundant_biases(model, X4)
+    c = report.removed[0].channel_bias
+    model.train(), stripped.train()
+    for step in range(3):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64) + step
+        torch.testing.assert_close(stripped(x), model(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stripped[2].running_mean, model[2].running_mean - c)
+    torch.testing.assert_close(stripped[2].running_var, model[2].running_var)
+    model.eval(), stripped.eval()
+    torch.testing.assert_close(stripped(X4), model(X4), rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_buffers_with_tracking_off_are_still_shifted():
+    model = seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    model[1].track_running_stats = False  # buffers kept and used in eval, no longer updated
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    stripped, report = strip_redundant_biases(model, X4)
+    assert len(report.removed) == 1
+    for training in (True, False):
+        model.train(training), stripped.train(training)
+        torch.testing.assert_close(stripped(X4), model(X4), rtol=1e-10, atol=1e-10)

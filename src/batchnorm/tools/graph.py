@@ -87,7 +87,7 @@ class Traced:
 
     def name(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return str(node.target)
+            return f"{node.target} ({type(self.module(node)).__name__})"
         if node.op == "call_function":
             return getattr(node.target, "__name__", str(node.target))
         return f"{node.op} {node.target}"
@@ -486,7 +486,8 @@ def _exact_next_conv(module: nn.Module) -> bool:
 def _plan_previous(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
     producer = bn_input(node)
     if producer is None or not _is_producer(traced.module(producer)):
-        return "input does not come straight from a Conv/ConvTranspose/Linear"
+        after = traced.name(producer) if producer is not None else "a non-tensor argument"
+        return f"after {after}, not a Conv/ConvTranspose/Linear"
     reason = _producer_reason(traced, producer, owners)
     if reason is None and len(value_users(producer)) != 1:
         reason = f"its output has {len(value_users(producer))} users, not only the BN"
@@ -511,7 +512,7 @@ def _plan_next(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
     user = users[0]
     module = traced.module(user)
     if type(module) not in CONVS + (nn.Linear,):
-        return f"next is {traced.name(user)}, not a Conv/Linear"
+        return f"before {traced.name(user)}, not a Conv/Linear"
     reason = _producer_reason(traced, user, owners)
     if reason is not None:
         return f"{user.target}: {reason}"
@@ -547,7 +548,7 @@ def plan_folds(traced: Traced) -> tuple[list[FoldPlan], list[tuple[str, str]]]:
             taken_next.add(following.layer)
             plans.append(following)
             continue
-        skipped.append((name, f"previous: {previous}; next: {following}"))
+        skipped.append((name, f"{previous}; {following}"))
     return plans, skipped
 
 
