@@ -10,6 +10,8 @@ without a GPU, which the interpreter cannot check (types of loop-carried values,
 """
 
 import importlib
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -317,6 +319,35 @@ def test_tile_config_rejects_non_powers_of_two():
     with pytest.raises(ValueError, match="reduce_tile must be a power of two, got 48"):
         with triton_kernels.tile_config(reduce_tile=48):
             pass
+
+
+def _load_gpu_bench():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_self_check_runs_and_verifies(monkeypatch, tmp_path, capsys):
+    # The benchmark's dry run: CPU tensors on the interpreted kernels, ours vs torch.nn, JSON.
+    gpu_bench = _load_gpu_bench()
+    monkeypatch.setitem(kernels._loaded, "cpu", kernels._loaded.get("cpu"))  # restored after
+    out = tmp_path / "bench.json"
+    code = gpu_bench.main(["--self-check", "--batch", "2", "--dtypes", "bfloat16", "--layouts",
+                           "channels_last", "--modes", "bn_add_relu_fwd_bwd", "--providers",
+                           "ours,torch", "--out", str(out)])
+    assert code == 0, capsys.readouterr().out
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["backend"] == "triton" and row["verify"]["ours"]["ok"], row
+    assert result["verification_failures"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
+def test_gpu_bench_skips_without_cuda(capsys):
+    assert _load_gpu_bench().main(["--quick"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,11 +195,29 @@ def _empty(x: Tensor) -> bool:
     return x.numel() == 0
 
 
+def _on_input_device(position: int):
+    """Launch on the input's GPU: Triton launches on the current device, maybe another one."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            input = kwargs["input"] if "input" in kwargs else args[position]
+            if not input.is_cuda:  # the interpreter, on CPU tensors
+                return fn(*args, **kwargs)
+            with torch.cuda.device(input.device):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------------------------
 # stats
 # ---------------------------------------------------------------------------------------------
 
 
+@_on_input_device(0)
 def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and M2 = sum((x - mean)^2), float32, over every axis but dim 1."""
     if _empty(input):
@@ -260,6 +278,7 @@ def _elementwise_plan(x: Tensor, channels_last: bool) -> tuple[int, int, int, in
     return R, K_, block_r, block_k, triton.cdiv(R, block_r) * triton.cdiv(K_, block_k)
 
 
+@_on_input_device(0)
 def elemt(
     input: Tensor,
     mean: Tensor,
@@ -297,6 +316,7 @@ def elemt(
 # ---------------------------------------------------------------------------------------------
 
 
+@_on_input_device(1)
 def backward_reduce(
     grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, output: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -349,6 +369,7 @@ def backward_reduce(
 # ---------------------------------------------------------------------------------------------
 
 
+@_on_input_device(1)
 def backward_elemt(
     grad_out: Tensor,
     input: Tensor,
