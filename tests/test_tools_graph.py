@@ -256,3 +256,24 @@ def test_frozen_buffers_with_tracking_off_are_still_shifted():
     for training in (True, False):
         model.train(training), stripped.train(training)
         torch.testing.assert_close(stripped(X4), model(X4), rtol=1e-10, atol=1e-10)
+
+
+def test_forward_hooks_are_not_seen_by_the_graph_so_the_layer_is_left_alone():
+    model = seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[0].register_forward_hook(lambda m, args, out: torch.relu(out))
+    found, skipped = _redundant(model)
+    assert found == set() and "forward hooks" in skipped["0"]
+    assert "forward hooks" in _folds(model)[1]["1"]
+
+
+def test_one_conv_absorbs_the_bn_before_and_the_bn_after():
+    model = seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, groups=1), batchnorm.BatchNormReLU2d(4))
+    with torch.no_grad():
+        for bn in (model[0], model[2]):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1)
+    folded, report = fold_bn(model.double(), X4)
+    assert {(p.bn, p.direction) for p in report.folded} == {("0", "into next"),
+                                                            ("2", "into previous")}
+    assert report.max_abs_diff < 1e-12
+    assert isinstance(folded[0], nn.Identity) and isinstance(folded[2], nn.ReLU)

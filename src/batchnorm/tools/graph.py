@@ -335,6 +335,10 @@ def _walk_to_bn(traced: Traced, start: fx.Node, probe: Tensor, actual: Tensor):
                 return f"reaches {traced.name(user)} through its residual input, not its input"
             return user, through, probe, actual
         kind, pooled = _commuting_kind(traced, user)
+        if kind is not None and not (user.args and user.args[0] is node):
+            return f"{traced.name(user)} reads {traced.name(node)} other than as its input"
+        if kind is not None and _has_hooks(traced.module(user)):
+            return f"{traced.name(user)} has forward hooks, which the graph does not show"
         if kind is None:
             return (f"{traced.name(user)} lies between and does not commute with adding a "
                     f"per-channel constant")
@@ -356,8 +360,15 @@ def _walk_to_bn(traced: Traced, start: fx.Node, probe: Tensor, actual: Tensor):
         through.append(traced.name(user))
 
 
+def _has_hooks(module: nn.Module | None) -> bool:
+    """Forward hooks can change a module's output without the fx graph showing it."""
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _bn_shared_reason(traced: Traced, bn_node: fx.Node, owners: dict[int, int]) -> str | None:
     bn = traced.module(bn_node)
+    if _has_hooks(bn):
+        return f"{bn_node.target} has forward hooks, which the graph does not show"
     if traced.calls[id(bn)] != 1:
         return f"{bn_node.target} is called {traced.calls[id(bn)]} times (a shared module)"
     if _attr_users(traced, str(bn_node.target)):
@@ -372,6 +383,8 @@ def _producer_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> s
     module = traced.module(node)
     if traced.calls[id(module)] != 1:
         return f"called {traced.calls[id(module)]} times (a shared module)"
+    if _has_hooks(module):
+        return "it has forward hooks, which the graph does not show"
     if _attr_users(traced, str(node.target)):
         return "its parameters are also read directly by the graph"
     if _feature_dim(module, traced.shape(node)) is None:

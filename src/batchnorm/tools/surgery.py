@@ -37,9 +37,19 @@ def _run(model: nn.Module, example_inputs: Any, training: bool) -> Any:
             m.training = flag
 
 
-def max_output_difference(a: nn.Module, b: nn.Module, example_inputs: Any) -> float:
-    """max |a(x) - b(x)| over every output tensor, both in eval mode (nothing is updated)."""
-    out_a, out_b = (torch.utils._pytree.tree_leaves(_run(m, example_inputs, False)) for m in (a, b))
+def max_output_difference(a: nn.Module, b: nn.Module, example_inputs: Any,
+                          training: bool = False) -> float:
+    """max |a(x) - b(x)| over every output tensor. In eval mode nothing is updated; in training
+    mode both run as deep copies (running statistics of a and b stay as they are), with the
+    same random state (dropout masks)."""
+    outs = []
+    for m in (a, b):
+        if training:
+            m = copy.deepcopy(m)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outs.append(torch.utils._pytree.tree_leaves(_run(m, example_inputs, training)))
+    out_a, out_b = outs
     diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(out_a, out_b, strict=True)
              if isinstance(x, Tensor) and x.numel()]
     return max(diffs, default=0.0)
@@ -67,11 +77,13 @@ class StripReport:
     removed: list[G.RedundantBias]
     skipped: list[tuple[str, str]]  # (layer with a bias, why it stays)
     parameters_removed: int
-    max_abs_diff: float
+    max_abs_diff: float  # eval mode
+    max_abs_diff_train: float  # training mode (batch statistics), on copies
 
     def summary(self) -> str:
         lines = [f"removed {len(self.removed)} redundant biases ({self.parameters_removed} "
-                 f"parameters); max output difference in eval {self.max_abs_diff:.3g}"]
+                 f"parameters); max output difference in eval {self.max_abs_diff:.3g}, in "
+                 f"training {self.max_abs_diff_train:.3g}"]
         lines += [f"  {r.layer}.bias -> {r.bn}.running_mean"
                   + (f" (through {', '.join(r.through)})" if r.through else "")
                   for r in self.removed]
@@ -115,7 +127,8 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
             bn.running_mean = absorb_bias(bn.running_mean, f.channel_bias)
         layer.bias = None
     report = StripReport(found, skipped, sum(f.parameters for f in found),
-                         max_output_difference(model, stripped, example_inputs))
+                         max_output_difference(model, stripped, example_inputs),
+                         max_output_difference(model, stripped, example_inputs, training=True))
     return stripped, report
 
 
