@@ -277,3 +277,15 @@ def test_one_conv_absorbs_the_bn_before_and_the_bn_after():
                                                             ("2", "into previous")}
     assert report.max_abs_diff < 1e-12
     assert isinstance(folded[0], nn.Identity) and isinstance(folded[2], nn.ReLU)
+
+
+def test_a_path_that_mixes_batch_samples_is_not_reported():
+    # summing over the batch passes the bias on scaled by N: exact for no running_mean fix
+    model = Lambda(lambda s, x: s.bn(s.conv(x).sum(0, keepdim=True)), conv=nn.Conv2d(3, 4, 3),
+                   bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "samples of the batch are mixed" in skipped["conv"]
+    # a reshape that keeps each sample's block is fine
+    model = Lambda(lambda s, x: s.bn(s.conv(x).reshape(x.size(0), 4, -1)),
+                   conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm1d(4))
+    assert _redundant(model)[0] == {"conv"}

@@ -315,10 +315,13 @@ def _amax_dims(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> 
     return [d % field.dim() for d in _as_tuple(dim)]
 
 
-def _walk_to_bn(traced: Traced, start: fx.Node, probe: Tensor, actual: Tensor):
+def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
     """Follow start's single value user through commuting ops to a BN module's input.
 
-    Returns (bn node, names passed through, probe field, actual field) or a reason string.
+    fields are tensors shaped like start's output, each carried through every op as the bias is
+    (the op's affine part, or the op itself for max-like ops): "probe" (decides structure),
+    "actual" (the real bias), and "samples" / "ones" (track which batch samples each position
+    draws from). Returns (bn node, names passed through, fields at the BN) or a reason string.
     """
     node, through = start, []
     while True:
@@ -333,31 +336,46 @@ def _walk_to_bn(traced: Traced, start: fx.Node, probe: Tensor, actual: Tensor):
         if is_bn_module_call(traced, user):
             if bn_input(user) is not node:
                 return f"reaches {traced.name(user)} through its residual input, not its input"
-            return user, through, probe, actual
+            return user, through, fields
         kind, pooled = _commuting_kind(traced, user)
-        if kind is not None and not (user.args and user.args[0] is node):
-            return f"{traced.name(user)} reads {traced.name(node)} other than as its input"
-        if kind is not None and _has_hooks(traced.module(user)):
-            return f"{traced.name(user)} has forward hooks, which the graph does not show"
         if kind is None:
             return (f"{traced.name(user)} lies between and does not commute with adding a "
                     f"per-channel constant")
+        if not (user.args and user.args[0] is node):
+            return f"{traced.name(user)} reads {traced.name(node)} other than as its input"
+        if _has_hooks(traced.module(user)):
+            return f"{traced.name(user)} has forward hooks, which the graph does not show"
+        probe = fields["probe"]
         if kind == "max":
             dims = (list(range(probe.dim() - pooled, probe.dim())) if pooled > 0 else
                     _amax_dims(traced, user, node, probe))
-            if not _constant_except(probe, set(range(probe.dim())) - set(dims)):
+            others = set(range(probe.dim())) - set(dims)
+            if not all(_constant_except(f, others) for f in fields.values()):
                 return f"{traced.name(user)} takes a max over a window where the bias varies"
-            new_probe = _apply(traced, user, node, probe)
-            new_actual = _apply(traced, user, node, actual)
-        else:
-            new_probe, new_actual = (_apply(traced, user, node, f) for f in (probe, actual))
-            if new_probe is not None:
-                new_probe = new_probe - _apply(traced, user, node, torch.zeros_like(probe))
-                new_actual = new_actual - _apply(traced, user, node, torch.zeros_like(actual))
-        if not isinstance(new_probe, Tensor):
+            new = {k: _apply(traced, user, node, f) for k, f in fields.items()}
+        else:  # the affine part: op(f) - op(0)
+            zero = _apply(traced, user, node, torch.zeros_like(probe))
+            new = {k: _apply(traced, user, node, f) for k, f in fields.items()}
+            if isinstance(zero, Tensor):
+                new = {k: f - zero for k, f in new.items()}
+        if not all(isinstance(f, Tensor) for f in new.values()):
             return f"{traced.name(user)} takes another tensor argument or gives no tensor"
-        probe, actual, node = new_probe, new_actual, user
+        fields, node = new, user
         through.append(traced.name(user))
+
+
+def _per_sample(fields: dict[str, Tensor], labels: Tensor) -> bool:
+    """Whether position (n, ...) at the BN draws only on sample n: samples == labels[n] * ones.
+
+    A bias routed through a sum over the batch (or a reshape mixing samples) would reach the BN
+    scaled by the batch size, and a running_mean correction made for one batch size would be
+    wrong for another; such paths are not reported.
+    """
+    samples, ones = fields["samples"], fields["ones"]
+    if samples.dim() == 0 or samples.shape[0] > labels.numel():
+        return False
+    expected = labels[: samples.shape[0]].reshape(-1, *[1] * (samples.dim() - 1)) * ones
+    return bool(((samples - expected).abs() <= 1e-9 * (1 + ones.abs())).all())
 
 
 def _has_hooks(module: nn.Module | None) -> bool:
@@ -413,15 +431,24 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
         view[dim] = -1
         c = module.bias.numel()
         probe_bias = 1 + torch.rand(c, generator=generator, dtype=torch.float64)
-        probe = probe_bias.reshape(view).expand(out_shape).contiguous()
-        actual = module.bias.detach().double().reshape(view).expand(out_shape).contiguous()
+        labels = 1 + torch.rand(out_shape[0], generator=generator, dtype=torch.float64)
+        sample_view = [-1] + [1] * (len(out_shape) - 1)
+        fields = {"probe": probe_bias.reshape(view),
+                  "actual": module.bias.detach().double().reshape(view),
+                  "samples": labels.reshape(sample_view),
+                  "ones": torch.ones((), dtype=torch.float64)}
+        fields = {k: f.expand(out_shape).contiguous() for k, f in fields.items()}
         with torch.no_grad():
-            walked = _walk_to_bn(traced, node, probe, actual)
+            walked = _walk_to_bn(traced, node, fields)
         if isinstance(walked, str):
             skipped.append((str(node.target), walked))
             continue
-        bn_node, through, probe, actual = walked
+        bn_node, through, fields = walked
+        probe, actual = fields["probe"], fields["actual"]
         reason = _bn_shared_reason(traced, bn_node, owners)
+        if reason is None and not _per_sample(fields, labels):
+            reason = (f"between it and {bn_node.target} samples of the batch are mixed, so the "
+                      f"bias would reach the BN scaled by the batch size")
         if reason is None and probe.dim() < 2:
             reason = f"{bn_node.target} gets a {probe.dim()}D input, with no channel dim"
         if reason is None and not _constant_except(probe, {1}):
