@@ -7,7 +7,7 @@ Two memory layouts, each seen as a row-major matrix:
 
 Every load is upcast to float32 right away (fp16/bf16 arithmetic is never done in the input
 dtype), every statistic and sum is float32, every store casts to the destination's dtype.
-Offsets are computed in int64 from the row index so tensors past 2**31 elements work.
+Row indices and offsets are int64, so tensors past 2**31 elements (and rows) work.
 """
 
 import triton
@@ -104,10 +104,10 @@ def _stats_cl_kernel(
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
     for tile in range(tile_start, tile_end):
-        r0 = tile * BLOCK_R
+        r0 = tl.cast(tile, tl.int64) * BLOCK_R  # rows = N * S may pass 2**31
         r = r0 + r_offsets
         mask = (r < R)[:, None] & c_mask[None, :]
-        offsets = r.to(tl.int64)[:, None] * C + c[None, :]
+        offsets = r[:, None] * C + c[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, x - shift[None, :], 0.0)  # (BLOCK_R, BLOCK_C)
         tile_count = tl.minimum(R - r0, BLOCK_R).to(tl.float32)
@@ -218,9 +218,9 @@ def _grad_sums_cl_kernel(
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
     for tile in range(tile_start, tile_end):
-        r = tile * BLOCK_R + r_offsets
+        r = tl.cast(tile, tl.int64) * BLOCK_R + r_offsets
         mask = (r < R)[:, None] & c_mask[None, :]
-        offsets = r.to(tl.int64)[:, None] * C + c[None, :]
+        offsets = r[:, None] * C + c[None, :]
         dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_OUTPUT:
             y = tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -265,10 +265,10 @@ def _sums_combine_kernel(
 def _tile(R, K, tiles_k, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's tile: row and column indices, the in-bounds mask, int64 offsets."""
     pid = tl.program_id(0)
-    r = (pid // tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = (pid // tiles_k).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # R may pass 2**31
     k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (r < R)[:, None] & (k < K)[None, :]
-    offsets = r.to(tl.int64)[:, None] * K + k[None, :]
+    offsets = r[:, None] * K + k[None, :]
     return r, k, mask, offsets
 
 
