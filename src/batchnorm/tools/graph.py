@@ -15,9 +15,12 @@ running_mean (in running statistics). Two kinds of operations qualify:
     max-like         max(x + K) = max(x) + K only when K is constant over the window: max pools
                      and amax, checked on K before passing K' = op(K)
 
-ReLU, dropout with p > 0 (a random mask multiplies the shift), multiplications by other tensors
-and anything not listed stop the walk. K is a generic probe (random values per channel), so a
-bias that is zero by chance does not make a zero-padded path look redundant.
+ReLU, dropout with p > 0 (in training a random mask multiplies the shift; exact in eval is not
+enough, since stripping must keep training outputs too), multiplications by other tensors and
+anything not listed stop the walk. K is a generic probe (random values per channel), so a bias
+that is zero by chance does not make a zero-padded path look redundant. A second probe labels
+the batch samples: a path that mixes samples (a sum over the batch) would bring the bias in
+scaled by the batch size, and is not reported.
 """
 
 import builtins
@@ -337,6 +340,8 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
             if bn_input(user) is not node:
                 return f"reaches {traced.name(user)} through its residual input, not its input"
             return user, through, fields
+        if user.op == "call_function" and user.target is F.batch_norm:
+            return "reaches a functional batch_norm; strip-bias handles BN modules only"
         kind, pooled = _commuting_kind(traced, user)
         if kind is None:
             return (f"{traced.name(user)} lies between and does not commute with adding a "
