@@ -4,9 +4,25 @@
     batchnorm.functional           batch_norm(...), torch.nn.functional's signature
     batchnorm.BatchNorm1d/2d/3d    drop-in torch.nn modules on fast kernels
     batchnorm.convert / to_torch   swap a model's batch-norm layers both ways
+    batchnorm.SyncBatchNorm        statistics over every process (torch.distributed)
+    batchnorm.GhostBatchNorm2d, BatchRenorm2d, FrozenBatchNorm2d, freeze_batchnorm   the family
 """
 
 from batchnorm import functional
+from batchnorm.distributed import SyncBatchNorm
+from batchnorm.family import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    freeze_batchnorm,
+)
 from batchnorm.nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -31,4 +47,9 @@ __all__ = [
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
     "BatchNormAddReLU2d", "BatchNormAddReLU3d",
     "convert", "to_torch", "functional",
+    "SyncBatchNorm",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+    "freeze_batchnorm",
 ]
