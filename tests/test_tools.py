@@ -61,16 +61,19 @@ def test_strip_keeps_outputs_gradients_and_buffers_in_train_and_eval(name):
     original.train(), stripped.train()
     weights = None
     for step in range(3):  # training steps update running stats; gradients compared each step
-        inputs = _fresh_batch(x, step)
+        inputs_a = [t.requires_grad_() for t in _fresh_batch(x, step)]
+        inputs_b = [t.detach().clone().requires_grad_() for t in inputs_a]
         torch.manual_seed(step)  # the same dropout masks for both
-        out_a = original(*inputs)
+        out_a = original(*inputs_a)
         torch.manual_seed(step)
-        out_b = stripped(*inputs)
+        out_b = stripped(*inputs_b)
         _assert_close(out_b, out_a, dtype, f"train output, step {step}")
         weights = torch.randn_like(out_a) if weights is None else weights
         original.zero_grad(), stripped.zero_grad()
         (out_a * weights).sum().backward()
         (out_b * weights).sum().backward()
+        for t_a, t_b in zip(inputs_a, inputs_b, strict=True):
+            _assert_close(t_b.grad, t_a.grad, dtype, f"input grad, step {step}")
         params_a = dict(original.named_parameters())
         for pname, p in stripped.named_parameters():
             _assert_close(p.grad, params_a[pname].grad, dtype, f"grad of {pname}, step {step}")
