@@ -154,7 +154,8 @@ SHAPES = [
     pytest.param((3, 2, 10), "contiguous", SMALL_TILES, id="3d-N-C-L"),
     pytest.param((2, 3, 2, 2, 3), "channels_last", SMALL_TILES, id="5d-channels-last-3d"),
     pytest.param((3, 2, 11), "noncontiguous", SMALL_TILES, id="strided-view"),
-    pytest.param((3, 5, 7, 9), "contiguous", {}, id="default-tiles"),
+    # default tiles: S = 70 takes BLOCK_S = 32 (pads to 96, not 128): 3 tiles per row
+    pytest.param((3, 5, 7, 10), "contiguous", {}, id="default-tiles"),
     pytest.param((3, 5, 7, 9), "channels_last", {}, id="default-tiles-cl"),
 ]
 
@@ -223,6 +224,16 @@ def test_grad_sums_with_many_splits_and_combine_blocks():
                                     None)
     for ours, theirs in zip(sums, ref, strict=True):
         assert_close(ours, theirs, torch.float32, _count(x), "gradient sums")
+
+
+@pytest.mark.parametrize("S", [1, 7, 49, 70, 196, 784, 3136, 12544, 100_003])
+def test_spatial_block_pads_least(S):
+    limit = 2048
+    block = triton_kernels._spatial_block(S, limit)
+    assert block & (block - 1) == 0 and block <= limit
+    padded = -(-S // block) * block
+    candidates = [2**i for i in range(5, 12) if 2**i <= triton.next_power_of_2(S)]
+    assert all(padded <= -(-S // c) * c for c in candidates), (S, block)
 
 
 def test_split_plan_covers_every_tile():
