@@ -326,3 +326,85 @@ def numerical_gradient(f, x, h: float = 1e-6):
         flat_x[i] = saved
         flat_grad[i] = (f_plus - f_minus) / (2.0 * h)
     return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch Renormalization (Ioffe, 2017): the batch statistics corrected towards the running ones
+#
+#     sigma_B = sqrt(sigma2_B + eps),  sigma = sqrt(running_var + eps)
+#     r = clip(sigma_B / sigma, 1/r_max, r_max)             stop_gradient: a constant in backward
+#     d = clip((mu_B - running_mean) / sigma, -d_max, d_max)   stop_gradient
+#     x_hat = (x - mu_B) / sigma_B * r + d,   y = gamma x_hat + beta
+#
+# r = 1, d = 0 (r_max = 1, d_max = 0) is Algorithm 1; unclipped, x_hat = (x - running_mean) /
+# sigma: the training forward uses the running statistics, as inference does, while the gradient
+# still flows through mu_B and sigma_B. Departure from the paper: the running statistics are
+# Algorithm 2's (update_running_stats: running_var with the unbiased variance), not a running
+# sigma; sigma is derived from running_var, so the state is batch norm's.
+
+__all__ += ["RenormCache", "renorm_train_forward", "renorm_backward"]
+
+
+@dataclass(frozen=True)
+class RenormCache:
+    """What renorm_backward needs: Algorithm 1's cache (gamma = the affine scale) and r, d."""
+
+    bn: Cache            # train_forward's cache of the normalization by the batch statistics
+    r: np.ndarray        # (1, C, 1, ...) the variance correction, a constant for backward
+    d: np.ndarray        # (1, C, 1, ...) the mean correction, a constant for backward
+    x_renorm: np.ndarray  # x_hat * r + d   (input's shape)
+
+
+def renorm_train_forward(x, running_mean, running_var, gamma=None, beta=None, r_max: float = 3.0,
+                         d_max: float = 5.0, eps: float = 1e-5, axis: int = 1, *,
+                         dtype=np.float64):
+    """Batch renormalization, training (Ioffe 2017, Algorithm 1). Returns (y, cache).
+
+    cache.bn.mean and cache.bn.var are the batch's mean and biased variance, for
+    update_running_stats; cache.r and cache.d the corrections applied.
+    """
+    if r_max < 1 or d_max < 0:
+        raise ValueError(f"batch renormalization expects r_max >= 1 and d_max >= 0, got "
+                         f"r_max={r_max}, d_max={d_max}")
+    _, bn = train_forward(x, None, None, eps, axis, dtype=dtype)   # x_hat with the batch's stats
+    x = _as_float(x, dtype)
+    gamma = _per_channel(gamma, "gamma", x, bn.axis, default=1.0)
+    beta = _per_channel(beta, "beta", x, bn.axis, default=0.0)
+    mean = _per_channel(running_mean, "running_mean", x, bn.axis, default=0.0)
+    sigma = np.sqrt(_per_channel(running_var, "running_var", x, bn.axis, default=1.0) + eps)
+    mu_b = bn.mean.reshape(sigma.shape)
+
+    r = np.clip(bn.std / sigma, 1.0 / r_max, r_max)              # sigma_B / sigma, clipped
+    d = np.clip((mu_b - mean) / sigma, -d_max, d_max)            # (mu_B - mu) / sigma, clipped
+    x_renorm = bn.x_hat * r + d                                  # corrected normalization
+    y = gamma * x_renorm + beta
+    bn = Cache(xmu=bn.xmu, std=bn.std, invstd=bn.invstd, x_hat=bn.x_hat, gamma=gamma,
+               mean=bn.mean, var=bn.var, m=bn.m, axis=bn.axis)
+    return y, RenormCache(bn=bn, r=r, d=d, x_renorm=x_renorm)
+
+
+def renorm_backward(dy, cache: RenormCache):
+    """dL/dx, dL/dgamma, dL/dbeta of batch renormalization, r and d held constant (the paper's
+    backward, stage by stage):
+
+        dx_renorm = dy gamma
+        dsigma_B  = sum(dx_renorm (x - mu_B) (-r / sigma_B^2))
+        dmu_B     = sum(dx_renorm (-r / sigma_B))
+        dx        = dx_renorm r / sigma_B + dsigma_B (x - mu_B) / (m sigma_B) + dmu_B / m
+        dgamma    = sum(dy x_renorm),   dbeta = sum(dy)
+    """
+    bn = cache.bn
+    dy = np.asarray(dy, dtype=bn.x_hat.dtype)
+    if dy.shape != bn.x_hat.shape:
+        raise ValueError(f"dy must have the forward input's shape {bn.x_hat.shape}, "
+                         f"got {dy.shape}")
+    dims = _reduce_axes(dy.ndim, bn.axis)
+    r, sigma_b, xmu, m = cache.r, bn.std, bn.xmu, bn.m
+    dx_renorm = dy * bn.gamma
+    dsigma_b = (dx_renorm * xmu * (-r / sigma_b**2)).sum(axis=dims, keepdims=True)
+    dmu_b = (dx_renorm * (-r / sigma_b)).sum(axis=dims, keepdims=True)
+    dx = dx_renorm * r / sigma_b + dsigma_b * xmu / (m * sigma_b) + dmu_b / m
+    channels = dy.shape[bn.axis]
+    dgamma = (dy * cache.x_renorm).sum(axis=dims).reshape(channels)
+    dbeta = dy.sum(axis=dims).reshape(channels)
+    return dx, dgamma, dbeta
