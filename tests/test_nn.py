@@ -306,3 +306,16 @@ def test_fused_modules_match_unfused():
     torch.testing.assert_close(g3, g4)
     torch.testing.assert_close(fused.running_var, add_fused.running_var)  # one step each
     assert stat_dtype(torch.float16) == torch.float32
+
+
+def test_torch_fx_keeps_our_layers_as_leaves():
+    """fx must not trace into BN (it would freeze the train/eval branch): call_module, as torch's."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4),
+                                batchnorm.BatchNormReLU2d(4))
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.op for n in traced.graph.nodes] == ["placeholder"] + ["call_module"] * 3 + ["output"]
+    x = torch.randn(2, 3, 6, 6)
+    traced.eval()
+    model.eval()
+    torch.testing.assert_close(traced(x), model(x))  # the mode switch still reaches the layer
+    assert type(model[1]).__module__ == "batchnorm.nn"  # the class (pickling) is unchanged

@@ -42,6 +42,17 @@ class _BatchNorm(torch_bn._BatchNorm):
     _layouts: str = ""
     _relu: bool = False
 
+    def __new__(cls, *args, **kwargs):
+        module = super().__new__(cls)
+        # torch.fx keeps torch.nn's modules as leaves (call_module nodes) and traces into all
+        # others, deciding by `module.__module__`. A batch-norm layer must stay a leaf: its
+        # forward branches on self.training and on its buffers, which a trace would freeze, and
+        # fx tools (fusers, quantizers, this package's tools) look for BN as a call_module. This
+        # instance attribute answers fx's question; the class keeps its true module, so pickling
+        # and imports are unaffected.
+        object.__setattr__(module, "__module__", "torch.nn-compatible:batchnorm.nn")
+        return module
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True) -> None:
