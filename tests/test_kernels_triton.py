@@ -386,18 +386,26 @@ CASES = [
     (K._backward_elemt_kernel, dict(CHANNEL_IS_COLUMN=True, HAS_WEIGHT=True, HAS_OUTPUT=True,
                                     BLOCK_R=32, BLOCK_K=64)),
 ]
+# As at run time for torch allocations and sizes divisible by 16 (C = 64, S = 56 * 56, ...).
+ALIGNED = {"C", "S", "K", "R"}
 for kernel, constexprs in CASES:
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+            continue
+        if name.endswith("_ptr"):
             signature[name] = "*bf16" if name in TENSORS else "*fp32"
         else:
             signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        if name.endswith("_ptr") or name in ALIGNED:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert compiled.asm["cubin"], kernel.__name__
+    # memory-bound: aligned tensors must be read with vector (>= 32-bit x 2) loads
+    vector_loads = sum(compiled.asm["ptx"].count(f"ld.global.v{n}") for n in (2, 4))
+    assert vector_loads > 0, f"{kernel.__name__} {constexprs}: no vectorized global loads"
 print("compiled", len(CASES))
 """
 
