@@ -20,21 +20,16 @@ import torch.multiprocessing as mp
 import batchnorm
 from batchnorm import family
 from batchnorm.distributed import SyncBatchNorm, combine_moments
-
-# (rtol, atol) per dtype of the SyncBatchNorm under test; the reference is float64
-TOLERANCES = {
-    torch.float32: (2e-4, 2e-4),
-    torch.float64: (1e-9, 1e-9),
-}
+from tests.utils import tolerance
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
 
 
-def assert_close(actual, expected, dtype, what):
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what}: {m}")
+def assert_close(actual, expected, dtype, what, reduction_size=256):
+    """tests.utils' tolerance table; the default reduction size covers the global batches here."""
+    torch.testing.assert_close(actual.double(), expected.double(),
+                               **tolerance(dtype, reduction_size), msg=lambda m: f"{what}: {m}")
 
 
 def _reference_cls(dim):
