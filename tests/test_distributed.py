@@ -221,6 +221,7 @@ def test_two_and_three_processes(tmp_path):
         ("concatenated", PAIR, dict(sizes=(3, 0), tail=(7,), dtype=torch.float64,
                                     momentum=None)),
         ("concatenated", PAIR, dict(sizes=(1, 2), tail=(), affine=False, channels=5)),
+        ("concatenated", PAIR, dict(sizes=(2, 3), tail=(3, 3), dtype=torch.bfloat16)),
         ("too_few_values", PAIR, dict(sizes=(1, 0))),
         ("ddp", PAIR, dict(sizes=(5, 3))),
     ])
