@@ -238,12 +238,11 @@ def test_spatial_block_pads_least(S):
 
 def test_split_plan_covers_every_tile():
     # The host-side plan: splits * tiles_per_split covers all tiles, and no split is empty.
-    with triton_kernels.tile_config(target_programs=100):
-        for num_tiles in (1, 2, 7, 100, 1001):
-            for programs in (1, 3, 64, 500):
-                splits, per = triton_kernels._splits(num_tiles, programs, torch.device("cpu"))
-                assert splits * per >= num_tiles > (splits - 1) * per
-                assert 1 <= splits <= num_tiles
+    for num_tiles in (1, 2, 7, 100, 1001):
+        for programs in (1, 3, 64, 500):
+            splits, per = triton_kernels._splits(num_tiles, programs, 100)
+            assert splits * per >= num_tiles > (splits - 1) * per
+            assert 1 <= splits <= num_tiles
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,9 +50,9 @@ import contextlib
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import torch
-import triton
 from torch import Tensor
 
 from batchnorm.kernels import _triton_kernels as K
@@ -121,8 +121,13 @@ def _target_programs(device: torch.device) -> int:
     return 1  # interpreter: programs run one after another anyway
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2_at_most(n: int, limit: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), limit)
+    """The next power of two >= n, capped at limit (plain Python: triton's helpers are slow)."""
+    return min(1 << (max(n, 1) - 1).bit_length(), limit)
 
 
 def _spatial_block(S: int, limit: int) -> int:
@@ -131,10 +136,10 @@ def _spatial_block(S: int, limit: int) -> int:
     leave 23% idle); rows stay >= 32 elements, whole 32-byte sectors.
     """
     widest = _pow2_at_most(S, limit)
-    best, best_padded = widest, triton.cdiv(S, widest) * widest
+    best, best_padded = widest, _cdiv(S, widest) * widest
     block = widest // 2
     while block >= 32:
-        padded = triton.cdiv(S, block) * block
+        padded = _cdiv(S, block) * block
         if padded < best_padded:
             best, best_padded = block, padded
         block //= 2
@@ -146,9 +151,9 @@ def _warps(tile: int) -> int:
     return 8 if tile >= 2048 else 4
 
 
-def _splits(num_tiles: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+def _splits(num_tiles: int, programs_per_split: int, target_programs: int) -> tuple[int, int]:
     """(splits, tiles_per_split): split each reduction so that all programs ~= the target."""
-    wanted = max(1, -(-_target_programs(device) // programs_per_split))
+    wanted = max(1, -(-target_programs // programs_per_split))
     tiles_per_split = -(-num_tiles // min(wanted, num_tiles))
     return -(-num_tiles // tiles_per_split), tiles_per_split
 
@@ -233,49 +238,71 @@ def _on_input_device(position: int):
 # ---------------------------------------------------------------------------------------------
 
 
+class _ReducePlan(NamedTuple):
+    """How a per-channel reduction is launched; stats and backward_reduce share it."""
+
+    grid: tuple[int, int]  # (channels or channel blocks, splits)
+    geometry: dict  # the reduction kernel's size, tile and warp arguments
+    splits: int
+    shift_stride: int  # x[0, c, 0...] is at c * shift_stride (stats' shift)
+    combine_grid: tuple[int]
+    combine_blocks: dict  # BLOCK_P, BLOCK_C of the combine kernels
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduce_plan(N: int, C: int, S: int, channels_last: bool, target_programs: int,
+                 config: TileConfig) -> _ReducePlan:
+    if channels_last:
+        R = N * S
+        block_c = _pow2_at_most(C, config.max_block_c)
+        block_r = _pow2_at_most(R, max(1, config.reduce_tile // block_c))
+        num_tiles = _cdiv(R, block_r)
+        channel_programs = _cdiv(C, block_c)
+        geometry = dict(R=R, C=C, BLOCK_R=block_r, BLOCK_C=block_c)
+        tile, shift_stride = block_r * block_c, 1
+    else:
+        block_s = _spatial_block(S, config.reduce_tile)
+        block_n = _pow2_at_most(N, max(1, config.reduce_tile // block_s))
+        tiles_s = _cdiv(S, block_s)
+        num_tiles = _cdiv(N, block_n) * tiles_s
+        channel_programs = C
+        geometry = dict(N=N, C=C, S=S, tiles_s=tiles_s, BLOCK_N=block_n, BLOCK_S=block_s)
+        tile, shift_stride = block_n * block_s, S
+    splits, tiles_per_split = _splits(num_tiles, channel_programs, target_programs)
+    geometry.update(num_tiles=num_tiles, tiles_per_split=tiles_per_split,
+                    num_warps=_warps(tile))
+    block_c = _pow2_at_most(C, 32)
+    return _ReducePlan(
+        grid=(channel_programs, splits), geometry=geometry, splits=splits,
+        shift_stride=shift_stride, combine_grid=(_cdiv(C, block_c),),
+        combine_blocks=dict(BLOCK_P=_pow2_at_most(splits, config.combine_block), BLOCK_C=block_c))
+
+
+def _plan_for(x: Tensor, channels_last: bool) -> _ReducePlan:
+    N, C, S = _sizes(x)
+    return _reduce_plan(N, C, S, channels_last, _target_programs(x.device), _config)
+
+
 @_on_input_device(0)
 def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and M2 = sum((x - mean)^2), float32, over every axis but dim 1."""
     if _empty(input):
         return composite.stats(input)
     x, channels_last = _dense(input)
-    N, C, S = _sizes(x)
+    C = x.shape[1]
+    plan = _plan_for(x, channels_last)
+    kernel = K._stats_cl_kernel if channels_last else K._stats_nchw_kernel
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    if channels_last:
-        R = N * S
-        block_c = _pow2_at_most(C, _config.max_block_c)
-        block_r = _pow2_at_most(R, max(1, _config.reduce_tile // block_c))
-        num_tiles = triton.cdiv(R, block_r)
-        channel_programs = triton.cdiv(C, block_c)
-        splits, tiles_per_split = _splits(num_tiles, channel_programs, x.device)
-        launch = functools.partial(
-            K._stats_cl_kernel[(channel_programs, splits)],
-            R=R, C=C, num_tiles=num_tiles, tiles_per_split=tiles_per_split,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(block_r * block_c))
-        shift_stride = 1
-    else:
-        block_s = _spatial_block(S, _config.reduce_tile)
-        block_n = _pow2_at_most(N, max(1, _config.reduce_tile // block_s))
-        tiles_s = triton.cdiv(S, block_s)
-        num_tiles = triton.cdiv(N, block_n) * tiles_s
-        splits, tiles_per_split = _splits(num_tiles, C, x.device)
-        launch = functools.partial(
-            K._stats_nchw_kernel[(C, splits)],
-            N=N, C=C, S=S, tiles_s=tiles_s, num_tiles=num_tiles, tiles_per_split=tiles_per_split,
-            BLOCK_N=block_n, BLOCK_S=block_s, num_warps=_warps(block_n * block_s))
-        shift_stride = S
-    if splits == 1:
-        launch(x, mean, m2, mean, FINAL=True)
+    m2 = torch.empty(C, device=x.device, dtype=torch.float32)
+    if plan.splits == 1:  # the reduction kernel writes the result
+        kernel[plan.grid](x, mean, m2, mean, FINAL=True, **plan.geometry)
         return mean, m2
-    partial = torch.empty(3, splits, C, device=x.device, dtype=torch.float32)
-    count_p, mean_p, m2_p = partial.unbind(0)
-    launch(x, mean_p, m2_p, count_p, FINAL=False)
-    block_c = _pow2_at_most(C, 32)
-    block_p = _pow2_at_most(splits, _config.combine_block)
-    K._stats_combine_kernel[(triton.cdiv(C, block_c),)](
-        x, shift_stride, count_p, mean_p, m2_p, mean, m2, C, splits,
-        BLOCK_P=block_p, BLOCK_C=block_c)
+    count_p, mean_p, m2_p = (torch.empty(plan.splits, C, device=x.device, dtype=torch.float32)
+                             for _ in range(3))
+    kernel[plan.grid](x, mean_p, m2_p, count_p, FINAL=False, **plan.geometry)
+    K._stats_combine_kernel[plan.combine_grid](
+        x, plan.shift_stride, count_p, mean_p, m2_p, mean, m2, C, plan.splits,
+        **plan.combine_blocks)
     return mean, m2
 
 
@@ -284,16 +311,20 @@ def stats(input: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _elementwise_plan(x: Tensor, channels_last: bool) -> tuple[int, int, int, int, int]:
-    """(R, K, BLOCK_R, BLOCK_K, programs) for the (R, K) matrix view of x."""
-    N, C, S = _sizes(x)
+@functools.lru_cache(maxsize=4096)
+def _elementwise_plan(N: int, C: int, S: int, channels_last: bool,
+                      config: TileConfig) -> tuple[tuple[int], dict]:
+    """(grid, kernel size/tile/warp arguments) for the (R, K) matrix view of an input."""
     R, K_ = (N * S, C) if channels_last else (N * C, S)
     if channels_last:
-        block_k = _pow2_at_most(K_, min(_config.max_block_c, _config.elementwise_tile))
+        block_k = _pow2_at_most(K_, min(config.max_block_c, config.elementwise_tile))
     else:
-        block_k = _spatial_block(K_, _config.elementwise_tile)
-    block_r = _pow2_at_most(R, max(1, _config.elementwise_tile // block_k))
-    return R, K_, block_r, block_k, triton.cdiv(R, block_r) * triton.cdiv(K_, block_k)
+        block_k = _spatial_block(K_, config.elementwise_tile)
+    block_r = _pow2_at_most(R, max(1, config.elementwise_tile // block_k))
+    tiles_k = _cdiv(K_, block_k)
+    geometry = dict(R=R, K=K_, C=C, tiles_k=tiles_k, CHANNEL_IS_COLUMN=channels_last,
+                    BLOCK_R=block_r, BLOCK_K=block_k, num_warps=_warps(block_r * block_k))
+    return (_cdiv(R, block_r) * tiles_k,), geometry
 
 
 @_on_input_device(0)
@@ -316,16 +347,14 @@ def elemt(
     if residual is not None:
         residual = _like(residual, x, channels_last, "residual")
     out = torch.empty_like(x)
-    R, K_, block_r, block_k, programs = _elementwise_plan(x, channels_last)
-    K._elemt_kernel[(programs,)](
+    grid, geometry = _elementwise_plan(*_sizes(x), channels_last, _config)
+    K._elemt_kernel[grid](
         x, out, mean, invstd,
         mean if weight is None else weight,  # never read without HAS_WEIGHT
         mean if bias is None else bias,
         x if residual is None else residual,
-        R, K_, C, triton.cdiv(K_, block_k),
-        CHANNEL_IS_COLUMN=channels_last, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=bool(relu),
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=_warps(block_r * block_k))
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=bool(relu), **geometry)
     return out
 
 
@@ -342,43 +371,24 @@ def backward_reduce(
     if _empty(input):
         return composite.backward_reduce(grad_out, input, mean, invstd, output)
     x, channels_last = _dense(input)
-    N, C, S = _sizes(x)
+    C = x.shape[1]
     grad_out = _like(grad_out, x, channels_last, "grad_out")
     if output is not None:
         output = _like(output, x, channels_last, "output")
     mean, invstd = _channel_vector(mean, C, "mean"), _channel_vector(invstd, C, "invstd")
-    if channels_last:
-        R = N * S
-        block_c = _pow2_at_most(C, _config.max_block_c)
-        block_r = _pow2_at_most(R, max(1, _config.reduce_tile // block_c))
-        num_tiles = triton.cdiv(R, block_r)
-        channel_programs = triton.cdiv(C, block_c)
-        splits, tiles_per_split = _splits(num_tiles, channel_programs, x.device)
-        kernel = K._grad_sums_cl_kernel[(channel_programs, splits)]
-        geometry = dict(R=R, C=C, BLOCK_R=block_r, BLOCK_C=block_c,
-                        num_warps=_warps(block_r * block_c))
-    else:
-        block_s = _spatial_block(S, _config.reduce_tile)
-        block_n = _pow2_at_most(N, max(1, _config.reduce_tile // block_s))
-        tiles_s = triton.cdiv(S, block_s)
-        num_tiles = triton.cdiv(N, block_n) * tiles_s
-        splits, tiles_per_split = _splits(num_tiles, C, x.device)
-        kernel = K._grad_sums_nchw_kernel[(C, splits)]
-        geometry = dict(N=N, C=C, S=S, tiles_s=tiles_s, BLOCK_N=block_n, BLOCK_S=block_s,
-                        num_warps=_warps(block_n * block_s))
-    partial = torch.empty(2, splits, C, device=x.device, dtype=torch.float32)
-    sum_dy_p, sum_dy_xhat_p = partial.unbind(0)
-    kernel(grad_out, x, x if output is None else output, mean, invstd, sum_dy_p, sum_dy_xhat_p,
-           num_tiles=num_tiles, tiles_per_split=tiles_per_split, HAS_OUTPUT=output is not None,
-           **geometry)
-    if splits == 1:
+    plan = _plan_for(x, channels_last)
+    kernel = K._grad_sums_cl_kernel if channels_last else K._grad_sums_nchw_kernel
+    # with one split, the partials are the result
+    sum_dy_p, sum_dy_xhat_p = (torch.empty(plan.splits, C, device=x.device, dtype=torch.float32)
+                               for _ in range(2))
+    kernel[plan.grid](grad_out, x, x if output is None else output, mean, invstd, sum_dy_p,
+                      sum_dy_xhat_p, HAS_OUTPUT=output is not None, **plan.geometry)
+    if plan.splits == 1:
         return sum_dy_p[0], sum_dy_xhat_p[0]
     sum_dy = torch.empty(C, device=x.device, dtype=torch.float32)
-    sum_dy_xhat = torch.empty_like(sum_dy)
-    block_c = _pow2_at_most(C, 32)
-    block_p = _pow2_at_most(splits, _config.combine_block)
-    K._sums_combine_kernel[(triton.cdiv(C, block_c),)](
-        sum_dy_p, sum_dy_xhat_p, sum_dy, sum_dy_xhat, C, splits, BLOCK_P=block_p, BLOCK_C=block_c)
+    sum_dy_xhat = torch.empty(C, device=x.device, dtype=torch.float32)
+    K._sums_combine_kernel[plan.combine_grid](
+        sum_dy_p, sum_dy_xhat_p, sum_dy, sum_dy_xhat, C, plan.splits, **plan.combine_blocks)
     return sum_dy, sum_dy_xhat
 
 
@@ -412,12 +422,9 @@ def backward_elemt(
     mean_dy = _channel_vector(mean_dy, C, "mean_dy")
     mean_dy_xhat = _channel_vector(mean_dy_xhat, C, "mean_dy_xhat")
     grad_input = torch.empty_like(x)
-    R, K_, block_r, block_k, programs = _elementwise_plan(x, channels_last)
-    K._backward_elemt_kernel[(programs,)](
+    grid, geometry = _elementwise_plan(*_sizes(x), channels_last, _config)
+    K._backward_elemt_kernel[grid](
         grad_out, x, x if output is None else output, grad_input,
         mean, invstd, mean if weight is None else weight, mean_dy, mean_dy_xhat,
-        R, K_, C, triton.cdiv(K_, block_k),
-        CHANNEL_IS_COLUMN=channels_last, HAS_WEIGHT=weight is not None,
-        HAS_OUTPUT=output is not None,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=_warps(block_r * block_k))
+        HAS_WEIGHT=weight is not None, HAS_OUTPUT=output is not None, **geometry)
     return grad_input
