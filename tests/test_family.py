@@ -331,6 +331,19 @@ def test_renorm_has_no_gradient_through_r_and_d():
     assert not torch.allclose(ours[0], formula(detach=False)[0]), "r, d gradient would show"
 
 
+def test_renorm_with_frozen_buffers_still_renormalizes():
+    module = family.BatchRenorm1d(3, r_max=2.0, d_max=1.0, warmup_steps=0, r_max_steps=0,
+                                  d_max_steps=0, dtype=F64)
+    with torch.no_grad():
+        module.running_mean.fill_(3.0)
+    module.track_running_stats = False  # after construction: buffers frozen, as torch
+    x = torch.randn(8, 3, dtype=F64)
+    expected = family.batch_renorm(x, torch.full((3,), 3.0, dtype=F64), torch.ones(3, dtype=F64),
+                                   module.weight, module.bias, True, 0.1, 1e-5, 2.0, 1.0)
+    assert_close(module(x), expected, F64, "frozen buffers")
+    assert float(module.running_mean[0]) == 3.0 and int(module.num_batches_tracked) == 0
+
+
 def test_renorm_rejects():
     with pytest.raises(ValueError, match="track_running_stats must be True"):
         family.BatchRenorm1d(3, track_running_stats=False)

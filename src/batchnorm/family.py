@@ -340,13 +340,16 @@ class _BatchRenorm(nn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or not self.track_running_stats:  # eval, or buffers frozen
+        if not self.training:
             return F._batch_norm(input, self.running_mean, self.running_var, self.weight,
                                  self.bias, False, self.momentum, self.eps)
         r_max, d_max = self.current_limits()
+        # track_running_stats turned off after construction freezes the buffers (as in torch):
+        # r and d still compare with them, but they are not updated (factor 0, no step counted)
+        tracking = self.track_running_stats
         return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                            True, self.momentum, self.eps, r_max, d_max,
-                            num_batches_tracked=self.num_batches_tracked)
+                            True, self.momentum if tracking else 0.0, self.eps, r_max, d_max,
+                            num_batches_tracked=self.num_batches_tracked if tracking else None)
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
