@@ -209,6 +209,23 @@ def test_stats_stable_with_large_mean(layout):
     assert (y.double() - y64).abs().max() < 1e-3
 
 
+def test_default_tiles_many_tiles_per_split_large_mean():
+    # Production tile sizes: 28 x 28 rows take BLOCK_S = 32, 25 tiles per channel in 4 splits;
+    # Chan merges over many tiles keep float32 statistics of mean-1e4 data within 1e-3.
+    x = _input((16, 2, 28, 28), scale=1.0, offset=1e4)
+    with triton_kernels.tile_config(target_programs=8):
+        plan = triton_kernels._plan_for(x, False)
+        assert plan.geometry["BLOCK_S"] == 32 and plan.splits == 4
+        mean, m2 = triton_kernels.stats(x)
+        y = triton_kernels.elemt(x, mean, torch.rsqrt(m2 / _count(x) + 1e-5), None, None, None,
+                                 False)
+    mean64, m2_64 = _reference_stats(x)
+    y64 = ((x.double() - mean64.view(1, -1, 1, 1))
+           / torch.sqrt(m2_64 / _count(x) + 1e-5).view(1, -1, 1, 1))
+    assert (m2.double() / m2_64 - 1).abs().max() < 1e-4
+    assert (y.double() - y64).abs().max() < 1e-3
+
+
 def test_grad_sums_with_many_splits_and_combine_blocks():
     # 4 splits of 6 x 8 tiles, merged two at a time by the combine kernels' loop
     x = _input((8, 1, 2, 3))
