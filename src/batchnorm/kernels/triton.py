@@ -15,9 +15,9 @@ Layouts. A dense (N, C, *) input is one of two row-major matrices (S = the spati
 Reductions (stats, backward_reduce) are split reductions:
 
     NCHW           grid (C, splits). A program owns one channel and a contiguous range of
-                   (BLOCK_N, BLOCK_S) tiles over (samples, spatial); BLOCK_S = next power of 2
-                   of S up to the tile size, BLOCK_N fills the rest, so a 7x7 map still loads
-                   thousands of elements per tile.
+                   (BLOCK_N, BLOCK_S) tiles over (samples, spatial); BLOCK_S = the power of 2
+                   that pads S least (56x56 -> 64, no idle lane), BLOCK_N fills the rest of
+                   the tile, so a 7x7 map still loads a thousand elements per tile.
     channels_last  grid (C / BLOCK_C, splits). A program owns BLOCK_C channels and a contiguous
                    range of (BLOCK_R, BLOCK_C) row tiles; each tile row is one coalesced segment.
 
@@ -40,8 +40,14 @@ affine + residual + ReLU; both backward kernels recompute the ReLU mask from the
 
 Every load is upcast to float32 at once; statistics are float32; stores cast to the output
 dtype. Tile sizes are fixed by the shape (no autotuning: it would make the first call of every
-shape slow and the interpreter cannot run multi-config autotune); `tile_config` overrides
-them, which the tests use to cross every block boundary with small tensors.
+shape slow and the interpreter cannot run multi-config autotune): tiles of up to 2048 elements,
+8 per thread, which compile for sm_90 to 28-64 registers, no spills and vectorized loads when
+sizes are multiples of 16 (tests/test_kernels_triton.py compiles them without a GPU).
+`tile_config` overrides the sizes; the tests use it to cross every block boundary with small
+tensors. Launch plans are cached per shape, so the host work per call is a few dict lookups.
+
+Performance status: designed for >= 85% of HBM bandwidth and >= 1.2x cuDNN on ResNet-50's BN
+layers (benchmarks/gpu_bench.py measures both); not yet measured on a GPU.
 
 float64 is left to the composite fallback (DTYPES). Empty tensors, too.
 """
