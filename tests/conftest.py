@@ -1,4 +1,4 @@
-"""Test-wide settings: one thread for torch (numba's is set by NUMBA_NUM_THREADS in scripts/test.sh).
+"""Test-wide settings: one thread for torch (numba: NUMBA_NUM_THREADS, set in scripts/test.sh).
 
 torch and numba each bring an OpenMP runtime; on 2 shared cores both spinning slows everything
 15-60x. Tests about threading set their own counts.

@@ -1,4 +1,4 @@
-"""batchnorm.functional.batch_norm: torch's semantics, bad input, state kept, numerics, gradients."""
+"""functional.batch_norm: torch's semantics, bad input, state kept, numerics, gradients."""
 
 import inspect
 import warnings

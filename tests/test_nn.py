@@ -37,7 +37,7 @@ def make_pair(rank, affine, bias, track, momentum, dtype, num_features=3):
     theirs = THEIRS[rank](num_features, momentum=momentum, affine=affine, bias=bias,
                           track_running_stats=track).double()
     with torch.no_grad():
-        for name, p in ours.named_parameters():
+        for p in ours.parameters():
             p.copy_(torch.randn_like(p, dtype=torch.float64) * 0.5 + 1)
         if track:
             ours.running_mean.copy_(torch.randn(num_features))
@@ -309,7 +309,7 @@ def test_fused_modules_match_unfused():
 
 
 def test_torch_fx_keeps_our_layers_as_leaves():
-    """fx must not trace into BN (it would freeze the train/eval branch): call_module, as torch's."""
+    """fx must not trace into BN (that would freeze the train/eval branch): a call_module."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4),
                                 batchnorm.BatchNormReLU2d(4))
     traced = torch.fx.symbolic_trace(model)

@@ -25,7 +25,8 @@ def _inputs(shape, dtype, layout="contiguous", seed=0):
     return x, mean, invstd, weight, bias, dy
 
 
-CASES = [((4, 3, 5, 6), torch.float32, "contiguous"), ((4, 3, 5, 6), torch.float64, "channels_last"),
+CASES = [((4, 3, 5, 6), torch.float32, "contiguous"),
+         ((4, 3, 5, 6), torch.float64, "channels_last"),
          ((6, 5), torch.float64, "contiguous"), ((2, 3, 7), torch.float16, "contiguous")]
 
 

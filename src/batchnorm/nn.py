@@ -234,5 +234,5 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def to_torch(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap this package's BatchNorm1d/2d/3d back to torch.nn's, in place; the inverse of convert."""
+    """Swap this package's BatchNorm1d/2d/3d back to torch.nn's, in place (inverse of convert)."""
     return _replace(model, _TO_TORCH)

@@ -111,7 +111,8 @@ def _elemt_setup(ctx, inputs, output):
 def _elemt_backward(ctx, grad_out):
     # With mean and invstd held constant, every gradient follows from the two sums of
     # backward_reduce:  d weight = sum(dy x_hat),  d bias = sum(dy),
-    #   d mean = -invstd weight sum(dy),  d invstd = weight sum(dy (x - mean)) = weight sum(dy x_hat) / invstd
+    #   d mean = -invstd weight sum(dy),
+    #   d invstd = weight sum(dy (x - mean)) = weight sum(dy x_hat) / invstd
     input, mean, invstd, weight, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=memory_format(input))
@@ -246,7 +247,8 @@ backward_elemt.register_autograd(_backward_elemt_backward, setup_context=_backwa
 
 def memory_format(x: Tensor) -> torch.memory_format:
     """The dense layout x is in: channels_last(_3d) when x is stored that way, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     if (x.dim() == 5 and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last_3d)):
@@ -305,7 +307,8 @@ class StatsSync(Protocol):
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Forward: stats -> (sync) -> invstd -> elemt.  Backward: backward_reduce -> (sync) -> backward_elemt."""
+    """Forward: stats -> (sync) -> invstd -> elemt.
+    Backward: backward_reduce -> (sync) -> backward_elemt."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync):
