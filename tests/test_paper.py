@@ -250,3 +250,20 @@ def test_figure_written(short_torch_run, tmp_path):
     from batchnorm.paper.plot import plot_figure1
     path = plot_figure1(short_torch_run, tmp_path / "figure1.png")
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_end_to_end_on_idx_directory(tmp_path, capsys):
+    """`batchnorm paper --mnist DIR`: reads the IDX files, trains, writes the JSON and the PNG."""
+    from batchnorm.cli import main
+    _write_mnist_dir(tmp_path, gz=True, n_train=90, n_test=40)
+    out = tmp_path / "out"
+    assert main(["paper", "--mnist", str(tmp_path), "--steps", "20", "--engine", "numpy",
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy" in printed and "steps to test accuracy 0.90" in printed
+    result = json.loads((out / "figure1.json").read_text())
+    assert result["train_size"] == 90 and result["test_size"] == 40
+    assert result["history"]["steps"] == [0, 20]
+    assert result["settings"]["engine"] == "numpy"
+    if (out / "figure1.png").exists():      # written when matplotlib is installed
+        assert (out / "figure1.png").read_bytes()[:4] == b"\x89PNG"
