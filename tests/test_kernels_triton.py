@@ -1,15 +1,18 @@
-"""kernels/triton.py on the CPU under the Triton interpreter, against float64 and composite.py.
+"""kernels/triton.py against float64 and composite.py: on the CPU under the Triton interpreter,
+or on the GPU when there is one.
 
-TRITON_INTERPRET=1 must be set before the @triton.jit kernels are defined (the decorator reads
-it), so it is set here, before the import; the kernels then run on CPU tensors. Tile sizes are
-shrunk with tile_config so small tensors cross every block boundary: batch larger than
-BLOCK_N, spatial sizes that are not multiples of BLOCK_S, channels not multiples of BLOCK_C,
-several splits (the combine kernels, looping over their own blocks) and one split (the
-reduction kernels' direct write). A last test compiles every kernel for a real GPU (sm_90)
-without a GPU, which the interpreter cannot check (types of loop-carried values, layouts).
+Without CUDA, TRITON_INTERPRET=1 must be set before triton itself is imported (its @jit
+functions, tl.zeros included, read it when they are defined), so it is set here, at
+collection; when triton was already imported without it, the module is skipped with the
+reason. With CUDA the same tests run the compiled kernels on CUDA tensors.
+
+Tile sizes are shrunk with tile_config so small tensors cross every block boundary: batch
+larger than BLOCK_N, spatial sizes that are not multiples of BLOCK_S, channels not multiples
+of BLOCK_C, several splits (the combine kernels, looping over their own blocks) and one split
+(the reduction kernels' direct write). A last test compiles every kernel for a real GPU
+(sm_90) without a GPU, which the interpreter cannot check (loop-carried types, vectorization).
 """
 
-import importlib
 import importlib.util
 import json
 import os
@@ -24,29 +27,37 @@ from batchnorm import kernels
 from batchnorm.kernels import composite
 from tests.utils import assert_close, to_layout
 
-_previous_interpret = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+INTERPRETED = not ON_GPU
+
+if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        pytest.skip("triton was imported in this process before TRITON_INTERPRET=1 could be set; "
+                    "run this file in a fresh process", allow_module_level=True)
+    _previous_interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip(
+            "triton", reason="triton is not installed (pip install 'batchnorm[gpu]')")
+        from batchnorm.kernels import triton as triton_kernels
+    finally:  # the decorators have read it; _interpreter sets it again around each test
+        if _previous_interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous_interpret
+else:
     triton = pytest.importorskip(
-        "triton", reason="triton is not installed (pip install 'batchnorm[gpu]'): no GPU kernels")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from batchnorm.kernels import _triton_kernels
-
-    if not isinstance(_triton_kernels._elemt_kernel, InterpretedFunction):
-        importlib.reload(_triton_kernels)  # compiled earlier in this process: re-define them
+        "triton", reason="triton is not installed (pip install 'batchnorm[gpu]')")
     from batchnorm.kernels import triton as triton_kernels
-finally:  # keep it from leaking into other test modules; _interpreter sets it per test
-    if _previous_interpret is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous_interpret
 
 
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch):
-    """Triton reads TRITON_INTERPRET again while running (lazy imports): keep it set."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    """The interpreter reads TRITON_INTERPRET again while running (lazy imports): keep it set."""
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 # Small tiles: every case below crosses each tile boundary at least once. The interpreter's cost
 # is per tile, not per element, so tensors are kept to a few tiles per op.
@@ -91,7 +102,7 @@ def _check_all_ops(x, weight=None, bias=None, residual=None, relu=False, tiles=S
         assert_close(y, y_composite, dtype, what="elemt vs composite")
 
         # backward_reduce, dy masked by the ReLU's output when fused
-        grad = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        grad = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(DEVICE)
         grad = grad.contiguous(memory_format=_format_of(x))
         output = y if relu else None
         sum_dy, sum_dy_xhat = triton_kernels.backward_reduce(grad, x, mean32, invstd, output)
@@ -125,12 +136,12 @@ def _format_of(x):
 def _input(shape, layout="contiguous", dtype=torch.float32, seed=0, scale=2.0, offset=0.5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
-    return to_layout(x.to(dtype), layout)
+    return to_layout(x.to(dtype).to(DEVICE), layout)
 
 
 def _params(C, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype))
+    return tuple(torch.randn(C, generator=g).to(dtype).to(DEVICE) for _ in range(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +279,8 @@ def test_split_plan_covers_every_tile():
 
 
 def test_training_forward_backward_through_ops(monkeypatch):
-    # Serve CPU tensors with the Triton kernels, as kernels/__init__ serves CUDA tensors.
+    # Serve this device's tensors with the Triton kernels (CPU: as kernels/__init__ serves
+    # CUDA tensors), recording the calls.
     from batchnorm import functional
 
     calls = []
@@ -284,11 +296,11 @@ def test_training_forward_backward_through_ops(monkeypatch):
     for name in ("stats", "elemt", "backward_reduce", "backward_elemt"):
         setattr(serving, name, recorded(name))
     monkeypatch.setattr(kernels, "_forced", None)
-    monkeypatch.setitem(kernels._loaded, "cpu", serving)
+    monkeypatch.setitem(kernels._loaded, DEVICE.type, serving)
     x = _input((6, 3, 5, 4), "channels_last").requires_grad_()
     residual = _input((6, 3, 5, 4), "channels_last", seed=2).requires_grad_()
     weight, bias = (t.requires_grad_() for t in _params(3))
-    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     assert kernels.backend_name(x) == "triton"
     y = functional.batch_norm(x, running_mean, running_var, weight, bias, training=True,
                               residual=residual, relu=True)
@@ -297,7 +309,8 @@ def test_training_forward_backward_through_ops(monkeypatch):
 
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     x64, w64, b64, r64 = leaves
-    rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm64 = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+    rv64 = torch.ones(3, dtype=torch.float64, device=DEVICE)
     y64 = torch.relu(torch.nn.functional.batch_norm(x64, rm64, rv64, w64, b64, training=True)
                      + r64)
     grads64 = torch.autograd.grad(y64, leaves, grad.double())
@@ -324,22 +337,23 @@ def test_dtypes_and_availability(monkeypatch):
 
 
 def test_empty_input_uses_the_fallback():
-    x = torch.empty(0, 3, 4, 4)
+    x = torch.empty(0, 3, 4, 4, device=DEVICE)
     mean, m2 = triton_kernels.stats(x)
     assert mean.shape == m2.shape == (3,)
-    y = triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), None, None, None, True)
+    zeros, ones = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = triton_kernels.elemt(x, zeros, ones, None, None, None, True)
     assert y.shape == x.shape
 
 
 def test_bad_arguments_are_named():
     x = _input((2, 3, 4, 4))
+    zeros, ones = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     with pytest.raises(ValueError, match=r"residual must have the input's shape \(2, 3, 4, 4\)"):
-        triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), None, None,
-                             torch.zeros(2, 3, 4, 5), False)
+        triton_kernels.elemt(x, zeros, ones, None, None, _input((2, 3, 4, 5)), False)
     with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
-        triton_kernels.elemt(x, torch.zeros(3), torch.ones(3), torch.ones(4), None, None, False)
+        triton_kernels.elemt(x, zeros, ones, torch.ones(4, device=DEVICE), None, None, False)
     with pytest.raises(ValueError, match=r"expect an input of shape \(N, C, \*\)"):
-        triton_kernels.stats(torch.zeros(5))
+        triton_kernels.stats(torch.zeros(5, device=DEVICE))
 
 
 def test_tile_config_rejects_non_powers_of_two():
@@ -356,6 +370,8 @@ def _load_gpu_bench():
     return module
 
 
+@pytest.mark.skipif(ON_GPU, reason="the dry run interprets the kernels on the CPU; with a GPU "
+                    "run benchmarks/gpu_bench.py itself")
 def test_gpu_bench_self_check_runs_and_verifies(monkeypatch, tmp_path, capsys):
     # The benchmark's dry run: CPU tensors on the interpreted kernels, ours vs torch.nn, JSON.
     gpu_bench = _load_gpu_bench()

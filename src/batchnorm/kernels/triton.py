@@ -41,7 +41,7 @@ affine + residual + ReLU; both backward kernels recompute the ReLU mask from the
 Every load is upcast to float32 at once; statistics are float32; stores cast to the output
 dtype. Tile sizes are fixed by the shape (no autotuning: it would make the first call of every
 shape slow and the interpreter cannot run multi-config autotune): tiles of up to 2048 elements,
-8 per thread, which compile for sm_90 to 28-64 registers, no spills and vectorized loads when
+8 per thread, which compile for sm_90 to under 100 registers, no spills, vectorized loads when
 sizes are multiples of 16 (tests/test_kernels_triton.py compiles them without a GPU).
 `tile_config` overrides the sizes; the tests use it to cross every block boundary with small
 tensors. Launch plans are cached per shape, so the host work per call is a few dict lookups.
