@@ -5,6 +5,11 @@
         [--modes train_fwd,train_fwd_bwd,eval_fwd,bn_relu_fwd_bwd,bn_add_relu_fwd_bwd]
         [--providers ours,ours_kernels,torch,compile] [--batch 16] [--quick] [--self-check]
 
+Run time: the full grid is 12 shapes x 2 layouts x 3 dtypes x 5 modes x 4 providers, and
+torch.compile compiles every (shape, dtype, layout, mode) afresh (seconds each): tens of
+minutes. Under a 10-minute limit run slices, e.g. one --dtypes and one --layouts per call, or
+--providers ours,ours_kernels,torch first (minutes) and compile separately.
+
 CUDA only: without a GPU it says so and exits 0. Every (shape, layout, dtype, mode) row is first
 verified (ours and torch.compile against torch.nn on float64 copies of the same tensors), then
 timed with triton.testing.do_bench (median, L2 flushed between repetitions), all providers side
