@@ -324,8 +324,10 @@ class _BatchNormTrain(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight, mean, invstd, output if relu else None)
         # running_var stores the unbiased estimate m2 / (count - 1); the caller updates the buffers
-        ctx.mark_non_differentiable(mean, m2)
-        return output, mean, m2, torch.as_tensor(count, dtype=m2.dtype, device=m2.device)
+        count_tensor = count if isinstance(count, Tensor) else torch.full(
+            (), count, dtype=m2.dtype, device=m2.device)  # no host-to-device copy
+        ctx.mark_non_differentiable(mean, m2, count_tensor)
+        return output, mean, m2, count_tensor
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_m2, _grad_count):
