@@ -11,6 +11,7 @@ import torch
 import batchnorm
 from batchnorm import family, reference
 from batchnorm.distributed import SyncBatchNorm
+from batchnorm.family import ghost as ghost_module
 from tests.utils import tolerance
 
 F64 = torch.float64
@@ -162,13 +163,13 @@ def test_ghost_matches_reference_chunk_by_chunk(shape, virtual, momentum, layout
 def test_ghost_is_vectorized(monkeypatch):
     """64 samples in 16 virtual batches: at most two batch-norm calls (full chunks, tail)."""
     calls = []
-    original = family.ops.batch_norm_train
+    original = ghost_module.ops.batch_norm_train
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(family.ops, "batch_norm_train", counting)
+    monkeypatch.setattr(ghost_module.ops, "batch_norm_train", counting)
     ghost = family.GhostBatchNorm2d(3, virtual_batch_size=4)
     ghost(torch.randn(64, 3, 2, 2))
     assert calls == [(4, 48, 2, 2)], calls
