@@ -1,0 +1,375 @@
+"""numba kernels of the four batch-norm primitives, for kernels/cpu.py. No side effects at import.
+
+A cached numba kernel re-imports this module when it is loaded from the cache, so this file only
+defines functions: it registers no custom op and touches no global state (threading layer, thread
+counts and allocation are cpu.py's business).
+
+Two memory layouts cover every input cpu.py hands over:
+
+    "ncs"  x is (N, C, S) C-contiguous: contiguous (N, C, *spatial) input, S = prod(spatial).
+           Work is split into tasks of one piece of one (n, c) row: contiguous runs of S.
+    "mc"   x is (M, C) C-contiguous: channels innermost. Channels-last (N, *spatial, C) input read
+           in place (M = N * prod(spatial)) and (N, C) input (M = N). Work is split into blocks
+           of rows; the inner loop runs over channels, so it vectorizes without gathers.
+
+Both layouts split the work into many more tasks than threads, whatever the shape: (N, C) with
+few channels and a big batch, one huge channel, 7x7 maps with 2048 channels.
+
+Statistics are one pass over memory with shifted sums: per channel a shift K (the channel's first
+element) and the sums of (x - K) and (x - K)^2. The textbook E[x^2] - E[x]^2 loses every digit
+when |mean| >> std (float32, mean 1e4, std 1); with the shift the cancellation is only
+((mean - K) / std)^2, a few units. Within a task the sums run in the input's precision (float32
+vectors are twice as wide) over at most PIECE elements per accumulator; across tasks in float64.
+
+fastmath is limited to reassociation and contraction (FMA): reductions vectorize, and NaN / Inf
+still propagate (functional.py checks the statistics for non-finite values).
+"""
+
+import types
+
+import numpy as np
+from numba import njit, prange
+
+# Elements per task (and per low-precision accumulator): 16 KiB of float32, well inside L1/L2.
+PIECE = 4096
+_FASTMATH = {"reassoc", "contract"}
+
+
+def _compile(function, parallel: bool):
+    """njit `function`, cached when numba finds a writable cache directory, else uncached.
+
+    The serial variant is a copy of the function under another name (`<name>_serial`) so that
+    the two variants have separate cache entries.
+    """
+    name = function.__name__.lstrip("_") + ("" if parallel else "_serial")
+    variant = types.FunctionType(function.__code__, function.__globals__, name,
+                                 function.__defaults__, function.__closure__)
+    variant.__qualname__ = name
+    variant.__doc__ = function.__doc__
+    options = dict(parallel=parallel, fastmath=_FASTMATH, nogil=True, error_model="numpy")
+    try:
+        return njit(cache=True, **options)(variant)
+    except RuntimeError:  # "cannot cache function ...: no locator available": no writable dir
+        return njit(cache=False, **options)(variant)
+
+
+def _kernel(function):
+    """The kernel in two variants: (parallel over the tasks, serial in the calling thread).
+
+    Handing a prange to numba's workqueue threads costs 5-50 us (more on a loaded machine), so
+    one-thread runs and small inputs take the serial variant (kernels/cpu.py chooses).
+    """
+    return _compile(function, parallel=True), _compile(function, parallel=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work splitting (plain Python: the callers pass the sizes in)
+# ---------------------------------------------------------------------------------------------
+
+
+def ncs_pieces(N: int, C: int, S: int, tasks: int) -> int:
+    """Piece length along S so that an (N, C, S) array gives >= `tasks` tasks of <= PIECE each."""
+    pieces = max(-(-S // PIECE), -(-tasks // max(N * C, 1)))
+    return max(-(-S // pieces), 1)
+
+
+def mc_rows(M: int, C: int, tasks: int) -> int:
+    """Rows per block so that an (M, C) array gives about `tasks` blocks (fewer when tiny)."""
+    blocks = max(1, min(M, tasks, (M * C) // 1024))
+    return -(-M // blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# stats: (x) -> per-channel mean, m2
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats_ncs(x, piece, zero, mean, m2):
+    """x (N, C, S); zero: a 0 of the accumulator type; writes mean (C,), m2 (C,) in float64."""
+    N, C, S = x.shape
+    P = (S + piece - 1) // piece
+    sum1 = np.empty(N * C * P, np.float64)  # per task: sum(x - K), sum((x - K)^2)
+    sum2 = np.empty(N * C * P, np.float64)
+    for t in prange(N * C * P):
+        row = t // P
+        n = row // C
+        c = row - n * C
+        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
+        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
+        xr = x[n, c]
+        shift = x[0, c, 0]
+        s1 = zero
+        s2 = zero
+        for i in range(start, end):
+            d = xr[i] - shift
+            s1 += d
+            s2 += d * d
+        sum1[t] = s1
+        sum2[t] = s2
+    count = N * S
+    for c in range(C):  # the merge is O(tasks * C): not worth a second parallel region
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            for p in range(P):
+                t = (n * C + c) * P + p
+                s1 += sum1[t]
+                s2 += sum2[t]
+        d_mean = s1 / count  # mean - K
+        mean[c] = x[0, c, 0] + d_mean
+        m2[c] = max(s2 - s1 * d_mean, 0.0)
+
+
+def _stats_mc(x, rows, zero, mean, m2):
+    """x (M, C); rows per block; same results as stats_ncs."""
+    M, C = x.shape
+    B = (M + rows - 1) // rows
+    sum1 = np.zeros((B, C), np.float64)
+    sum2 = np.zeros((B, C), np.float64)
+    shift = x[0]
+    for b in prange(B):
+        start = b * rows
+        end = min(M, start + rows)
+        s1 = np.empty_like(shift)  # input-precision partials, flushed every PIECE // C rows
+        s2 = np.empty_like(shift)
+        step = max(1, PIECE // C)
+        for r0 in range(start, end, step):
+            s1[:] = zero
+            s2[:] = zero
+            for r in range(r0, min(end, r0 + step)):
+                xr = x[r]
+                for c in range(np.uint64(C)):
+                    d = xr[c] - shift[c]
+                    s1[c] += d
+                    s2[c] += d * d
+            for c in range(np.uint64(C)):
+                sum1[b, c] += s1[c]
+                sum2[b, c] += s2[c]
+    for c in range(C):  # the merge is O(tasks * C): not worth a second parallel region
+        s1c = 0.0
+        s2c = 0.0
+        for b in range(B):
+            s1c += sum1[b, c]
+            s2c += sum2[b, c]
+        d_mean = s1c / M
+        mean[c] = shift[c] + d_mean
+        m2[c] = max(s2c - s1c * d_mean, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# elemt: y = (x - mean) * invstd * weight + bias [+ residual] [ReLU]
+# ---------------------------------------------------------------------------------------------
+
+
+def _elemt_ncs(x, mean, invstd, weight, bias, residual, has_residual, relu, piece, zero, out):
+    """y = (x - mean) * (invstd * weight) + bias [+ residual] [ReLU]; x - mean first: stable."""
+    N, C, S = x.shape
+    P = (S + piece - 1) // piece
+    for t in prange(N * C * P):
+        row = t // P
+        n = row // C
+        c = row - n * C
+        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
+        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
+        xr = x[n, c]
+        yr = out[n, c]
+        m = mean[c]
+        a = invstd[c] * weight[c]
+        b = bias[c]
+        if has_residual:
+            rr = residual[n, c]
+            if relu:
+                for i in range(start, end):
+                    y = (xr[i] - m) * a + b + rr[i]
+                    yr[i] = zero if y < 0 else y  # NaN passes through, as clamp_min
+            else:
+                for i in range(start, end):
+                    yr[i] = (xr[i] - m) * a + b + rr[i]
+        elif relu:
+            for i in range(start, end):
+                y = (xr[i] - m) * a + b
+                yr[i] = zero if y < 0 else y
+        else:
+            for i in range(start, end):
+                yr[i] = (xr[i] - m) * a + b
+
+
+def _elemt_mc(x, mean, invstd, weight, bias, residual, has_residual, relu, rows, zero, out):
+    M, C = x.shape
+    B = (M + rows - 1) // rows
+    scale = invstd * weight
+    shift = bias
+    for b in prange(B):
+        for r in range(b * rows, min(M, b * rows + rows)):
+            xr = x[r]
+            yr = out[r]
+            if has_residual:
+                rr = residual[r]
+                if relu:
+                    for c in range(np.uint64(C)):
+                        y = (xr[c] - mean[c]) * scale[c] + shift[c] + rr[c]
+                        yr[c] = zero if y < 0 else y
+                else:
+                    for c in range(np.uint64(C)):
+                        yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c] + rr[c]
+            elif relu:
+                for c in range(np.uint64(C)):
+                    y = (xr[c] - mean[c]) * scale[c] + shift[c]
+                    yr[c] = zero if y < 0 else y
+            else:
+                for c in range(np.uint64(C)):
+                    yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c]
+
+
+# ---------------------------------------------------------------------------------------------
+# backward_reduce: sum(dy), sum(dy * (x - mean)); dy masked by output > 0 for a fused ReLU
+# ---------------------------------------------------------------------------------------------
+
+
+def _backward_reduce_ncs(dy, x, mean, invstd, output, relu, piece, zero, sum_dy, sum_dy_xhat):
+    """Writes sum(dy) and sum(dy * x_hat) = invstd * sum(dy * (x - mean)) per channel."""
+    N, C, S = x.shape
+    P = (S + piece - 1) // piece
+    part1 = np.empty(N * C * P, np.float64)
+    part2 = np.empty(N * C * P, np.float64)
+    for t in prange(N * C * P):
+        row = t // P
+        n = row // C
+        c = row - n * C
+        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
+        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
+        xr = x[n, c]
+        gr = dy[n, c]
+        m = mean[c]
+        s1 = zero
+        s2 = zero
+        if relu:
+            yr = output[n, c]
+            for i in range(start, end):
+                g = gr[i] if yr[i] > 0 else zero
+                s1 += g
+                s2 += g * (xr[i] - m)
+        else:
+            for i in range(start, end):
+                g = gr[i]
+                s1 += g
+                s2 += g * (xr[i] - m)
+        part1[t] = s1
+        part2[t] = s2
+    for c in range(C):  # the merge is O(tasks * C): not worth a second parallel region
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            for p in range(P):
+                t = (n * C + c) * P + p
+                s1 += part1[t]
+                s2 += part2[t]
+        sum_dy[c] = s1
+        sum_dy_xhat[c] = s2 * invstd[c]
+
+
+def _backward_reduce_mc(dy, x, mean, invstd, output, relu, rows, zero, sum_dy, sum_dy_xhat):
+    M, C = x.shape
+    B = (M + rows - 1) // rows
+    part1 = np.zeros((B, C), np.float64)
+    part2 = np.zeros((B, C), np.float64)
+    for b in prange(B):
+        start = b * rows
+        end = min(M, start + rows)
+        s1 = np.empty_like(x[0])
+        s2 = np.empty_like(x[0])
+        step = max(1, PIECE // C)
+        for r0 in range(start, end, step):
+            s1[:] = zero
+            s2[:] = zero
+            for r in range(r0, min(end, r0 + step)):
+                xr = x[r]
+                gr = dy[r]
+                if relu:
+                    yr = output[r]
+                    for c in range(np.uint64(C)):
+                        g = gr[c] if yr[c] > 0 else zero
+                        s1[c] += g
+                        s2[c] += g * (xr[c] - mean[c])
+                else:
+                    for c in range(np.uint64(C)):
+                        g = gr[c]
+                        s1[c] += g
+                        s2[c] += g * (xr[c] - mean[c])
+            for c in range(np.uint64(C)):
+                part1[b, c] += s1[c]
+                part2[b, c] += s2[c]
+    for c in range(C):  # the merge is O(tasks * C): not worth a second parallel region
+        s1c = 0.0
+        s2c = 0.0
+        for b in range(B):
+            s1c += part1[b, c]
+            s2c += part2[b, c]
+        sum_dy[c] = s1c
+        sum_dy_xhat[c] = s2c * invstd[c]
+
+
+# ---------------------------------------------------------------------------------------------
+# backward_elemt: dx = (dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight
+#                    = (dy - mean_dy) * k - (x - mean) * j,   k = invstd * weight,
+#                      j = invstd^2 * weight * mean_dy_xhat  (dy masked for a fused ReLU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _backward_elemt_ncs(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat, output, relu, piece,
+                       zero, out):
+    N, C, S = x.shape
+    P = (S + piece - 1) // piece
+    for t in prange(N * C * P):
+        row = t // P
+        n = row // C
+        c = row - n * C
+        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
+        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
+        xr = x[n, c]
+        gr = dy[n, c]
+        dr = out[n, c]
+        m = mean[c]
+        mdy = mean_dy[c]
+        kc = invstd[c] * weight[c]
+        jc = invstd[c] * kc * mean_dy_xhat[c]
+        if relu:
+            yr = output[n, c]
+            for i in range(start, end):
+                g = gr[i] if yr[i] > 0 else zero
+                dr[i] = (g - mdy) * kc - (xr[i] - m) * jc
+        else:
+            for i in range(start, end):
+                dr[i] = (gr[i] - mdy) * kc - (xr[i] - m) * jc
+
+
+def _backward_elemt_mc(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat, output, relu, rows,
+                      zero, out):
+    M, C = x.shape
+    B = (M + rows - 1) // rows
+    k = invstd * weight
+    j = invstd * k * mean_dy_xhat
+    for b in prange(B):
+        for r in range(b * rows, min(M, b * rows + rows)):
+            xr = x[r]
+            gr = dy[r]
+            dr = out[r]
+            if relu:
+                yr = output[r]
+                for c in range(np.uint64(C)):
+                    g = gr[c] if yr[c] > 0 else zero
+                    dr[c] = (g - mean_dy[c]) * k[c] - (xr[c] - mean[c]) * j[c]
+            else:
+                for c in range(np.uint64(C)):
+                    dr[c] = (gr[c] - mean_dy[c]) * k[c] - (xr[c] - mean[c]) * j[c]
+
+
+# (parallel, serial) variants of each kernel
+stats_ncs = _kernel(_stats_ncs)
+stats_mc = _kernel(_stats_mc)
+elemt_ncs = _kernel(_elemt_ncs)
+elemt_mc = _kernel(_elemt_mc)
+backward_reduce_ncs = _kernel(_backward_reduce_ncs)
+backward_reduce_mc = _kernel(_backward_reduce_mc)
+backward_elemt_ncs = _kernel(_backward_elemt_ncs)
+backward_elemt_mc = _kernel(_backward_elemt_mc)
