@@ -6,7 +6,7 @@
 import json
 import sys
 
-from batchnorm.paper.experiment import THRESHOLDS
+from batchnorm.paper.experiment import THRESHOLDS, summarize
 
 rows = ["| engine | seed | final acc. without BN | final acc. with BN | "
         + " | ".join(f"steps to {t:.2f} (without / with)" for t in THRESHOLDS)
@@ -21,7 +21,7 @@ def cell(value):
 for path in sys.argv[1:]:
     with open(path) as f:
         result = json.load(f)
-    s, settings = result["summary"], result["settings"]
+    s, settings = summarize(result), result["settings"]   # recomputed from the history
     steps_to = [f"{cell(s[f'steps_to_{t:.2f}_plain'])} / {cell(s[f'steps_to_{t:.2f}_bn'])}"
                 for t in THRESHOLDS]
     rows.append(f"| {settings['engine']} | {settings['seed']} | {s['final_accuracy_plain']:.4f} | "
