@@ -33,6 +33,8 @@ def use_one_thread() -> list[str]:
     caller to print.
     """
     notes = []
+    blas_limited = os.environ.get("OPENBLAS_NUM_THREADS") == "1" or (
+        "OPENBLAS_NUM_THREADS" not in os.environ and os.environ.get("OMP_NUM_THREADS") == "1")
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, "1")
     import torch
@@ -43,7 +45,7 @@ def use_one_thread() -> list[str]:
     try:
         from threadpoolctl import threadpool_limits  # optional: limits BLAS already loaded
     except ImportError:
-        if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        if not blas_limited and "numpy" in sys.modules:
             notes.append("NumPy's BLAS may use several threads: set OMP_NUM_THREADS=1 "
                          "OPENBLAS_NUM_THREADS=1 before starting Python, or install threadpoolctl")
     else:
