@@ -1,0 +1,316 @@
+"""`batchnorm bench`: ours against torch.nn eager and torch.compile'd torch.nn, on CPU.
+
+Every (shape, layout, mode, thread count) is measured in this one process, the providers
+interleaved round by round, and the median of all repetitions kept. Before timing, each provider's
+outputs and gradients are compared with torch.nn eager's: a wrong kernel reports WRONG, never a
+speedup (and the command exits 1).
+
+Roofline: the bytes a mode must move (train forward reads x twice, for the statistics and for the
+normalization, and writes y; see BYTES_PER_ELEMENT) over the copy bandwidth measured in the same
+run (`dst.copy_(src)` of the same size). "x roofline" is time / that bound.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+RESNET50 = [(16, 64, 112, 112), (16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 28, 28),
+            (16, 512, 28, 28), (16, 256, 14, 14), (16, 1024, 14, 14), (16, 512, 7, 7),
+            (16, 2048, 7, 7)]
+SHAPES = RESNET50 + [(256, 1024), (16, 256, 2000)]
+QUICK_SHAPES = [(16, 64, 56, 56), (16, 256, 14, 14), (256, 1024)]
+MODES = ["train-fwd", "train-fwd-bwd", "eval-fwd", "relu-fwd-bwd"]
+# Bytes per element that must cross memory, in units of the input size: reads and writes of
+# full-size tensors. train fwd: x (stats), x + y (normalize). backward: dy + x (reduce),
+# dy + x + dx (elementwise); a fused ReLU adds the output y to both backward passes.
+BYTES_PER_ELEMENT = {"train-fwd": 3, "train-fwd-bwd": 8, "eval-fwd": 2, "relu-fwd-bwd": 10}
+TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-8, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="3 shapes, eager providers only, fewer repetitions (about 30 s)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shapes like 16x64x56x56 (default: the ResNet-50 "
+                             "BN shapes at batch 16, 256x1024, 16x256x2000)")
+    parser.add_argument("--layouts", default="contiguous,channels_last",
+                        help="contiguous and/or channels_last (4D/5D shapes only)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--providers", default=None,
+                        help="ours,torch,compile (default: all; --quick: ours,torch)")
+    parser.add_argument("--threads", default="1,2", help="thread counts to run, e.g. 1,2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16",
+                                                                "float16"])
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed calls per provider and round (default 5, --quick 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds (default 5, --quick 3)")
+    parser.add_argument("--out", default=None, help="write results to this .json or .csv file")
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(n) for n in item.strip().lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"batchnorm bench: --shapes expects sizes like 16x64x56x56, got "
+                             f"{item!r}") from None
+        if len(shape) < 2:
+            raise SystemExit(f"batchnorm bench: a shape needs at least (N, C), got {item!r}")
+        shapes.append(shape)
+    return shapes
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _batch_norm_fns(provider: str):
+    """(train_or_eval batch norm, relu-fused batch norm) for a provider."""
+    import batchnorm.functional as ours_f
+
+    torch_bn = torch.nn.functional.batch_norm
+    if provider in ("ours", "ours-unfused"):
+        return ours_f.batch_norm
+    if provider in ("torch", "torch+relu"):
+        return torch_bn
+    if provider in ("compile", "compile+relu"):
+        return torch.compile(torch_bn, dynamic=False)
+    raise ValueError(provider)
+
+
+def _make_case(provider: str, mode: str, x, w, b, dy, running):
+    """A closure running one mode for one provider, and one returning its results to compare."""
+    bn = _batch_norm_fns(provider)
+    training = mode != "eval-fwd"
+    relu = mode == "relu-fwd-bwd"
+    backward = mode in ("train-fwd-bwd", "relu-fwd-bwd")
+    rm, rv = running
+
+    def forward():
+        if relu and provider == "ours":
+            return bn(x, rm, rv, w, b, training, 0.1, 1e-5, relu=True)  # fused
+        y = bn(x, rm, rv, w, b, training, 0.1, 1e-5)
+        return torch.relu(y) if relu else y
+
+    def results():
+        if not backward:
+            with torch.no_grad():
+                return (forward(),)
+        y = forward()
+        return (y, *torch.autograd.grad(y, (x, w, b), dy))
+
+    return results
+
+
+def _run_case(shape, layout, mode, providers, dtype, repeat, rounds, copy_ms):
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    C = shape[1]
+    x.requires_grad_(mode in ("train-fwd-bwd", "relu-fwd-bwd"))
+    w = torch.rand(C, dtype=dtype).add_(0.5).requires_grad_()
+    b = torch.randn(C, dtype=dtype).requires_grad_()
+    dy = torch.randn_like(x)
+    names = list(providers)
+    if mode == "relu-fwd-bwd" and "ours" in names:
+        names.insert(names.index("ours") + 1, "ours-unfused")
+    cases = {}
+    for name in names:
+        running = (torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype))
+        cases[name] = _make_case(name, mode, x, w, b, dy, running)
+
+    # correctness against torch.nn eager before any timing
+    reference = _make_case("torch", mode, x, w, b, dy, (torch.zeros(C, dtype=dtype),
+                                                          torch.ones(C, dtype=dtype)))()
+    correct = {}
+    for name, fn in cases.items():
+        got = fn()
+        correct[name] = all(_close(g, r, TOLERANCE[dtype])
+                            for g, r in zip(got, reference, strict=True))
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            times[name] += _median_ms(fn, repeat)
+    row_ms = {name: statistics.median(t) for name, t in times.items()}
+    size = x.numel() * x.element_size()
+    bound_ms = copy_ms * BYTES_PER_ELEMENT[mode] / 2  # a copy moves 2 x size
+    return row_ms, correct, bound_ms, size
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+    """Relative error in the 2-norm below tol.
+
+    A norm, not elementwise: with a ReLU, an output within rounding of 0 may be clamped by one
+    provider and not the other, which moves that element's gradient by O(1); a wrong kernel moves
+    the whole tensor.
+    """
+    got, ref = got.double(), ref.double()
+    if got.shape != ref.shape or not torch.isfinite(got).all():
+        return False
+    return bool((got - ref).norm() <= tol * max(ref.norm().item(), 1e-12))
+
+
+def _copy_ms(numel: int, dtype, repeat: int) -> float:
+    src = torch.randn(numel, dtype=dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return statistics.median(_median_ms(lambda: dst.copy_(src), max(repeat * 3, 9)))
+
+
+def _machine() -> dict:
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
+
+    from batchnorm.kernels import cpu
+
+    numba_version = "not installed"
+    if cpu.available():
+        import numba
+        numba_version = numba.__version__
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "numba": numba_version,
+        "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER", "workqueue"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "transparent_hugepage": read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "loadavg_start": read("/proc/loadavg"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchnorm import kernels
+
+    shapes = _parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick
+                                                             else SHAPES)
+    providers = (args.providers or ("ours,torch" if args.quick else "ours,torch,compile"))
+    providers = [p.strip() for p in providers.split(",")]
+    for p in providers:
+        if p not in ("ours", "torch", "compile"):
+            raise SystemExit(f"batchnorm bench: providers are ours, torch, compile; got {p!r}")
+    modes = [m.strip() for m in args.modes.split(",")]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"batchnorm bench: modes are {', '.join(MODES)}; got {m!r}")
+    layouts = [lay.strip() for lay in args.layouts.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    dtype = getattr(torch, args.dtype)
+    repeat = args.repeat or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)
+    backend = kernels.backend_name(torch.empty(1, dtype=dtype))
+
+    machine = _machine()
+    print(f"# batchnorm bench: {args.dtype}, ours on the '{backend}' kernels, "
+          f"torch {machine['torch']}, numba {machine['numba']} "
+          f"({machine['numba_threading_layer']}), THP_MEM_ALLOC_ENABLE="
+          f"{machine['THP_MEM_ALLOC_ENABLE']}, THP {machine['transparent_hugepage']}, "
+          f"load {machine['loadavg_start']}")
+    header = (f"{'shape':>20} {'layout':>8} {'mode':>14} {'thr':>3} "
+              + " ".join(f"{n + ' ms':>12}" for n in _all_names(providers))
+              + f" {'vs torch':>8} {'vs compile':>10} {'vs unfused':>10} {'x roofline':>10}")
+    print(header)
+    rows, wrong = [], False
+    saved_threads = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for shape in shapes:
+                copy_ms = _copy_ms(int(torch.tensor(shape).prod()), dtype, repeat)
+                for layout in layouts:
+                    if layout == "channels_last" and len(shape) not in (4, 5):
+                        continue
+                    for mode in modes:
+                        ms, correct, bound_ms, size = _run_case(shape, layout, mode, providers,
+                                                                dtype, repeat, rounds, copy_ms)
+                        row = _row(shape, layout, mode, n_threads, ms, correct, bound_ms, size,
+                                   copy_ms)
+                        wrong |= not all(correct.values())
+                        rows.append(row)
+                        print(_format(row, providers), flush=True)
+    finally:
+        torch.set_num_threads(saved_threads)
+    machine["loadavg_end"] = _machine()["loadavg_start"]
+    print(f"# load at the end: {machine['loadavg_end']}")
+    if args.out:
+        _write(args.out, rows, machine)
+        print(f"# wrote {args.out}")
+    if wrong:
+        print("# WRONG: some provider's outputs or gradients differ from torch.nn's")
+    return 1 if wrong else 0
+
+
+def _all_names(providers):
+    names = list(providers)
+    if "ours" in names:
+        names.insert(names.index("ours") + 1, "ours-unfused")
+    return names
+
+
+def _row(shape, layout, mode, n_threads, ms, correct, bound_ms, size, copy_ms) -> dict:
+    row = {"shape": "x".join(map(str, shape)), "layout": layout, "mode": mode,
+           "threads": n_threads, "bytes": size, "copy_ms": copy_ms, "roofline_ms": bound_ms}
+    for name, value in ms.items():
+        row[f"{name}_ms"] = value
+        row[f"{name}_correct"] = correct[name]
+    ours = ms.get("ours")
+    for other, key in (("torch", "speedup_vs_torch"), ("compile", "speedup_vs_compile"),
+                       ("ours-unfused", "speedup_vs_unfused")):
+        if ours is not None and other in ms:
+            row[key] = ms[other] / ours
+    if ours is not None:
+        row["x_roofline"] = ours / bound_ms
+    return row
+
+
+def _format(row: dict, providers) -> str:
+    cells = []
+    for name in _all_names(providers):
+        value = row.get(f"{name}_ms")
+        if value is None:
+            cells.append(f"{'-':>12}")
+        else:
+            mark = "" if row[f"{name}_correct"] else " WRONG"
+            cells.append(f"{value:>12.3f}" if not mark else f"{mark:>12}")
+
+    def ratio(key, width):
+        return f"{row[key]:>{width}.2f}" if key in row else f"{'-':>{width}}"
+
+    return (f"{row['shape']:>20} {row['layout'][:8]:>8} {row['mode']:>14} {row['threads']:>3} "
+            + " ".join(cells) + f" {ratio('speedup_vs_torch', 8)} "
+            f"{ratio('speedup_vs_compile', 10)} {ratio('speedup_vs_unfused', 10)} "
+            f"{ratio('x_roofline', 10)}")
+
+
+def _write(path: str, rows: list[dict], machine: dict) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    if path.endswith(".csv"):
+        keys = sorted({k for row in rows for k in row})
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        return
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "rows": rows}, f, indent=1)
