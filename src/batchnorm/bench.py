@@ -140,8 +140,12 @@ def _run_case(shape, layout, mode, providers, dtype, repeat, rounds, copy_ms):
     correct = {}
     for name, fn in cases.items():
         got = fn()
-        correct[name] = all(_close(g, r, TOLERANCE[dtype])
-                            for g, r in zip(got, reference, strict=True))
+        # ReLU ties: an output within rounding of 0, clamped by one provider and not by the
+        # other, moves one element of dx and one channel's d weight by O(1); measured up to
+        # 3e-3 relative at 3M elements. A wrong kernel is off by O(1) relative.
+        tols = [TOLERANCE[dtype]] + [TOLERANCE[dtype] * (10 if mode == "relu-fwd-bwd" else 1)] * 3
+        correct[name] = all(_close(g, r, tol)
+                            for g, r, tol in zip(got, reference, tols[:len(got)], strict=True))
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name, fn in cases.items():
