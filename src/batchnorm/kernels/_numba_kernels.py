@@ -90,13 +90,15 @@ def _stats_ncs(x, piece, zero, mean, m2):
     P = (S + piece - 1) // piece
     sum1 = np.empty(N * C * P, np.float64)  # per task: sum(x - K), sum((x - K)^2)
     sum2 = np.empty(N * C * P, np.float64)
+    # flat views of the (N, C, S) arrays
+    xr = x.reshape(-1)
     for t in prange(N * C * P):
-        row = t // P
-        n = row // C
-        c = row - n * C
-        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
-        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
-        xr = x[n, c]
+        row = t // P  # (n, c) row; c = row % C
+        c = row % C
+        offset = (t - row * P) * piece
+        # flat, unsigned indices: no per-row views, no negative-index test (the loops vectorize)
+        start = np.uint64(row * S + offset)
+        end = np.uint64(row * S + min(S, offset + piece))
         shift = x[0, c, 0]
         s1 = zero
         s2 = zero
@@ -176,19 +178,21 @@ def _elemt_ncs(x, mean, invstd, weight, bias, residual, has_residual, relu, piec
     """y = (x - mean) * (invstd * weight) + bias [+ residual] [ReLU]; x - mean first: stable."""
     N, C, S = x.shape
     P = (S + piece - 1) // piece
+    # flat views of the (N, C, S) arrays
+    xr = x.reshape(-1)
+    yr = out.reshape(-1)
+    rr = residual.reshape(-1)
     for t in prange(N * C * P):
-        row = t // P
-        n = row // C
-        c = row - n * C
-        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
-        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
-        xr = x[n, c]
-        yr = out[n, c]
+        row = t // P  # (n, c) row; c = row % C
+        c = row % C
+        offset = (t - row * P) * piece
+        # flat, unsigned indices: no per-row views, no negative-index test (the loops vectorize)
+        start = np.uint64(row * S + offset)
+        end = np.uint64(row * S + min(S, offset + piece))
         m = mean[c]
         a = invstd[c] * weight[c]
         b = bias[c]
         if has_residual:
-            rr = residual[n, c]
             if relu:
                 for i in range(start, end):
                     y = (xr[i] - m) * a + b + rr[i]
@@ -243,19 +247,21 @@ def _backward_reduce_ncs(dy, x, mean, invstd, output, relu, piece, zero, sum_dy,
     P = (S + piece - 1) // piece
     part1 = np.empty(N * C * P, np.float64)
     part2 = np.empty(N * C * P, np.float64)
+    # flat views of the (N, C, S) arrays
+    xr = x.reshape(-1)
+    gr = dy.reshape(-1)
+    yr = output.reshape(-1)
     for t in prange(N * C * P):
-        row = t // P
-        n = row // C
-        c = row - n * C
-        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
-        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
-        xr = x[n, c]
-        gr = dy[n, c]
+        row = t // P  # (n, c) row; c = row % C
+        c = row % C
+        offset = (t - row * P) * piece
+        # flat, unsigned indices: no per-row views, no negative-index test (the loops vectorize)
+        start = np.uint64(row * S + offset)
+        end = np.uint64(row * S + min(S, offset + piece))
         m = mean[c]
         s1 = zero
         s2 = zero
         if relu:
-            yr = output[n, c]
             for i in range(start, end):
                 g = gr[i] if yr[i] > 0 else zero
                 s1 += g
@@ -341,21 +347,23 @@ def _backward_elemt_ncs(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat, outp
                        zero, out):
     N, C, S = x.shape
     P = (S + piece - 1) // piece
+    # flat views of the (N, C, S) arrays
+    xr = x.reshape(-1)
+    gr = dy.reshape(-1)
+    dr = out.reshape(-1)
+    yr = output.reshape(-1)
     for t in prange(N * C * P):
-        row = t // P
-        n = row // C
-        c = row - n * C
-        start = np.uint64((t - row * P) * piece)  # unsigned indices: no negative-index
-        end = np.uint64(min(S, (t - row * P) * piece + piece))  # test, the loops vectorize
-        xr = x[n, c]
-        gr = dy[n, c]
-        dr = out[n, c]
+        row = t // P  # (n, c) row; c = row % C
+        c = row % C
+        offset = (t - row * P) * piece
+        # flat, unsigned indices: no per-row views, no negative-index test (the loops vectorize)
+        start = np.uint64(row * S + offset)
+        end = np.uint64(row * S + min(S, offset + piece))
         m = mean[c]
         mdy = mean_dy[c]
         kc = invstd[c] * weight[c]
         jc = invstd[c] * kc * mean_dy_xhat[c]
         if relu:
-            yr = output[n, c]
             for i in range(start, end):
                 g = gr[i] if yr[i] > 0 else zero
                 dr[i] = (g - mdy) * kc - (xr[i] - m) * jc
