@@ -215,6 +215,12 @@ FORK_SCRIPT = """
         assert torch.allclose(mean.double(), ref_mean, atol=1e-5)
         assert torch.allclose(m2.double(), ref_m2, rtol=1e-4)
     check()
+    import numba  # numba's thread count follows torch's, for large inputs only
+    assert cpu._threads(10**6) == 2 and numba.get_num_threads() == 2
+    assert cpu._threads(100) == 1
+    torch.set_num_threads(1)
+    assert cpu._threads(10**6) == 1
+    torch.set_num_threads(2)
     pid = os.fork()
     if pid == 0:
         try:
@@ -234,6 +240,22 @@ def test_fork_after_use():
     result = _run(FORK_SCRIPT, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "child status 0" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_available_is_false_without_numba():
+    """No numba: available() says so (no exception) and the composite fallback serves."""
+    script = """
+        import sys
+        sys.modules["numba"] = None  # makes `import numba` raise ImportError
+        import torch
+        from batchnorm import kernels
+        from batchnorm.kernels import composite, cpu
+        assert cpu.available() is False
+        assert kernels.backend_for(torch.empty(2, 3)) is composite
+        print("ok")
+    """
+    result = _run(script, {"PYTHONPATH": str(SRC)})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 CACHE_SCRIPT = """
