@@ -221,6 +221,9 @@ FORK_SCRIPT = """
     torch.set_num_threads(1)
     assert cpu._threads(10**6) == 1
     torch.set_num_threads(2)
+    from concurrent.futures import ThreadPoolExecutor  # concurrent launches from Python threads
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: check(), range(8)))
     pid = os.fork()
     if pid == 0:
         try:
@@ -235,7 +238,8 @@ FORK_SCRIPT = """
 
 
 def test_fork_after_use():
-    """A process that used the threaded kernels forks (DataLoader workers); the child uses them."""
+    """A process that used the threaded kernels (from several Python threads at once) forks
+    (DataLoader workers); the child uses them."""
     env = {"NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
     result = _run(FORK_SCRIPT, env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -22,6 +22,7 @@ is the plumbing between torch and the kernels:
 """
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 _NATIVE = {torch.float32, torch.float64}  # the dtypes numba loads directly
 TASKS_PER_THREAD = 8  # work items per thread: balance when the other core is busy
 PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, waking numba's threads costs more than it saves
+# numba's workqueue layer aborts the process when two Python threads launch parallel kernels at
+# once; threaded launches are serialized (serial variants release the GIL and run concurrently).
+_PARALLEL_LOCK = threading.Lock()
 
 
 def available() -> bool:
@@ -87,6 +91,14 @@ class _Layout:
             self.split = _nk.ncs_pieces(N, C, S, TASKS_PER_THREAD * threads)
         else:
             self.split = _nk.mc_rows(self.shape[0], C, TASKS_PER_THREAD * threads)
+
+    def run(self, kernel, *args) -> None:
+        """Call the chosen variant; threaded launches one at a time (see _PARALLEL_LOCK)."""
+        if self.variant == 1:
+            kernel(*args)
+        else:
+            with _PARALLEL_LOCK:
+                kernel(*args)
 
     def array(self, t: Tensor) -> np.ndarray:
         """t as the kernels' numpy view; copies only when t is not in input's layout.
@@ -164,7 +176,7 @@ def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     layout = _Layout(x)
     zero = _NUMPY[x.dtype](0)
     kernel = (_nk.stats_ncs if layout.kind == "ncs" else _nk.stats_mc)[layout.variant]
-    kernel(layout.array(x), layout.split, zero, mean.numpy(), m2.numpy())
+    layout.run(kernel, layout.array(x), layout.split, zero, mean.numpy(), m2.numpy())
     return mean, m2
 
 
@@ -187,7 +199,7 @@ def elemt(
         layout = _Layout(x)
         kernel = (_nk.elemt_ncs if layout.kind == "ncs" else _nk.elemt_mc)[layout.variant]
         res_array = layout.array(res) if res is not None else layout.array(x)  # unread if None
-        kernel(layout.array(x), _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
+        layout.run(kernel, layout.array(x), _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
                _vector(weight, C, acc, 1), _vector(bias, C, acc, 0), res_array,
                res is not None, bool(relu), layout.split, _NUMPY[acc](0), layout.array(out))
     return out if out.dtype == input.dtype else out.to(input.dtype)
@@ -209,7 +221,8 @@ def backward_reduce(
     kernel = kernels[layout.variant]
     x_array = layout.array(x)
     y_array = layout.array(y.to(x.dtype)) if y is not None else x_array  # unread if None
-    kernel(layout.array(dy), x_array, _vector(mean, C, x.dtype, 0), _vector(invstd, C, acc, 1),
+    layout.run(kernel, layout.array(dy), x_array, _vector(mean, C, x.dtype, 0),
+               _vector(invstd, C, acc, 1),
            y_array, y is not None, layout.split, _NUMPY[x.dtype](0), sum_dy.numpy(),
            sum_dy_xhat.numpy())
     return sum_dy, sum_dy_xhat
@@ -237,7 +250,8 @@ def backward_elemt(
         kernel = kernels[layout.variant]
         x_array = layout.array(x)
         y_array = layout.array(y.to(x.dtype)) if y is not None else x_array  # unread if None
-        kernel(layout.array(dy), x_array, _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
+        layout.run(kernel, layout.array(dy), x_array, _vector(mean, C, acc, 0),
+                   _vector(invstd, C, acc, 1),
                _vector(weight, C, acc, 1), _vector(mean_dy, C, acc, 0),
                _vector(mean_dy_xhat, C, acc, 0), y_array, y is not None, layout.split,
                _NUMPY[acc](0), layout.array(out))
