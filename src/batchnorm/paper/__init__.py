@@ -23,34 +23,24 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
                     "NUMBA_NUM_THREADS")
 
 
-def use_one_thread() -> list[str]:
+def use_one_thread() -> None:
     """One thread for torch, numba and BLAS: on (60, 100) matrices threads cost more than they
     give, and torch's and numba's OpenMP runtimes fight over the cores.
 
-    The environment variables only reach pools not started yet (they are set for child
-    processes and for numba / BLAS when not yet loaded); torch and numba are also told directly.
-    Returns the notes about what could not be limited (BLAS pools already started), for the
-    caller to print.
+    The environment variables reach pools not started yet (child processes, numba and BLAS when
+    not yet loaded); torch and numba are told directly, and threadpoolctl limits the BLAS pools
+    already started.
     """
-    notes = []
-    blas_limited = os.environ.get("OPENBLAS_NUM_THREADS") == "1" or (
-        "OPENBLAS_NUM_THREADS" not in os.environ and os.environ.get("OMP_NUM_THREADS") == "1")
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, "1")
     import torch
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(1)
     if "numba" in sys.modules:
         import numba
         numba.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits  # optional: limits BLAS already loaded
-    except ImportError:
-        if not blas_limited and "numpy" in sys.modules:
-            notes.append("NumPy's BLAS may use several threads: set OMP_NUM_THREADS=1 "
-                         "OPENBLAS_NUM_THREADS=1 before starting Python, or install threadpoolctl")
-    else:
-        threadpool_limits(1)
-    return notes
+    threadpool_limits(1)  # BLAS pools that numpy / torch already started
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -75,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for note in use_one_thread():
-        print(f"note: {note}", file=sys.stderr)
+    use_one_thread()
     try:
         settings = Settings(steps=args.steps, seed=args.seed, lr=args.lr, engine=args.engine)
     except ValueError as error:
