@@ -4,17 +4,18 @@ Same functions, arguments and results as kernels/composite.py (the contract). Wh
 is the plumbing between torch and the kernels:
 
 - Layout. Contiguous (N, C, *) input is read as (N, C, S); channels-last (N, *, C) and (N, C)
-  input as (M, C), in place (torch.movedim + view: no transposing copy). grad_out, output and
+  input as (M, C), in place (numpy moveaxis + reshape: no transposing copy). grad_out, output and
   residual are brought to input's layout (a no-op when they are in it already, as ops.py ensures).
-- Allocation. Results are numpy-allocated (np.empty + torch.from_numpy) with input's strides.
-  numpy asks the kernel for transparent huge pages on large arrays (madvise); torch's CPU
-  allocator does not unless THP_MEM_ALLOC_ENABLE=1, and here the page faults of a fresh 51 MB
-  output cost more than the kernel writing it (benchmarks/RESULTS.md has the measurement).
+- Allocation. Results of 4 MiB and more are numpy-allocated (np.empty + torch.from_numpy, on a
+  2 MiB boundary) with input's strides: numpy asks the kernel for transparent huge pages on
+  large arrays (madvise); torch's CPU allocator does not unless THP_MEM_ALLOC_ENABLE=1, and the
+  4 KiB page faults of a fresh output cost as much as the kernel writing it (RESULTS.md).
 - Threads. torch and numba each have a thread pool. Before each kernel call numba's thread count
   is set to torch.get_num_threads() (capped by NUMBA_NUM_THREADS), so `torch.set_num_threads(1)`
   means one thread for both. Unless NUMBA_THREADING_LAYER is set, numba uses its 'workqueue'
   layer: its threads sleep between calls (they do not spin against torch's OpenMP threads), and
-  unlike GNU OpenMP it survives fork (DataLoader workers).
+  unlike GNU OpenMP it survives fork (DataLoader workers). One thread, or an input below
+  PARALLEL_MIN_ELEMENTS, runs each kernel's serial variant in the calling thread (no hand-off).
 - float16 / bfloat16 are upcast to float32 around the kernels (torch's conversion, one extra
   pass each way) and the result cast back; statistics are float32.
 - Compilation is cached (numba cache=True): in the package's __pycache__, else numba's user-wide
