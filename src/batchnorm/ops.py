@@ -312,13 +312,20 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync):
-        mean, m2 = _stats(input)
         count = _count(input)
-        if sync is not None:
-            mean, m2, count = sync.combine_stats(mean, m2, count)
-        var = m2 / count  # biased: the normalization uses the batch's own variance
-        invstd = torch.rsqrt(var + eps)
-        output = _elemt(input, mean, invstd, weight, bias, residual, relu)
+        backend = kernels.backend_for(input)
+        if sync is None and _plain_eager(input) and hasattr(backend, "forward_train"):
+            # The backend's fused single-process forward (e.g. one sweep per channel while the
+            # channel's data stays in cache): the same result as the four-op path below.
+            output, mean, m2, invstd = backend.forward_train(input, weight, bias, residual, relu,
+                                                             eps)
+        else:
+            mean, m2 = _stats(input)
+            if sync is not None:
+                mean, m2, count = sync.combine_stats(mean, m2, count)
+            var = m2 / count  # biased: the normalization uses the batch's own variance
+            invstd = torch.rsqrt(var + eps)
+            output = _elemt(input, mean, invstd, weight, bias, residual, relu)
         ctx.eps, ctx.sync, ctx.count = eps, sync, count
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -340,14 +347,23 @@ class _BatchNormTrain(torch.autograd.Function):
                 raise NotImplementedError("double backward through SyncBatchNorm is not supported")
             mean, m2 = stats(input)
             invstd = torch.rsqrt(m2 / ctx.count + ctx.eps)
-        sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, relu_output)
-        local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat  # parameter grads are per rank
-        if ctx.sync is not None:
-            sum_dy, sum_dy_xhat = ctx.sync.sum_grads(sum_dy, sum_dy_xhat)
         grad_input = grad_weight = grad_bias = grad_residual = None
-        if ctx.needs_input_grad[0]:
-            grad_input = _backward_elemt(grad_out, input, mean, invstd, weight,
-                                         sum_dy / ctx.count, sum_dy_xhat / ctx.count, relu_output)
+        backend = kernels.backend_for(input)
+        if (ctx.sync is None and ctx.needs_input_grad[0] and _plain_eager(input)
+                and hasattr(backend, "backward_train")):
+            # The backend's fused single-process backward: reduce and elementwise in one sweep.
+            grad_input, sum_dy, sum_dy_xhat = backend.backward_train(
+                grad_out, input, mean, invstd, weight, relu_output)
+            local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat
+        else:
+            sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, relu_output)
+            local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat  # parameter grads: per rank
+            if ctx.sync is not None:
+                sum_dy, sum_dy_xhat = ctx.sync.sum_grads(sum_dy, sum_dy_xhat)
+            if ctx.needs_input_grad[0]:
+                grad_input = _backward_elemt(grad_out, input, mean, invstd, weight,
+                                             sum_dy / ctx.count, sum_dy_xhat / ctx.count,
+                                             relu_output)
         if ctx.needs_input_grad[1]:
             grad_weight = local_sum_dy_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2]:

@@ -23,6 +23,22 @@ Conventions shared by all backends:
   keeps SyncBatchNorm, whose count is global, on the same kernels.
 - output, when given to the backward ops, is the forward output of a fused ReLU: the gradient
   is masked by output > 0 before anything else (the mask is recomputed, never saved).
+
+Optional, for a backend that can fuse the single-process training step (ops.py calls them in
+eager mode when no StatsSync is involved, and falls back to the four functions otherwise):
+
+    forward_train(input, weight, bias, residual, relu, eps) -> (output, mean, m2, invstd)
+        == mean, m2 = stats(input); invstd = rsqrt(m2 / count + eps);
+           output = elemt(input, mean, invstd, weight, bias, residual, relu)
+    backward_train(grad_out, input, mean, invstd, weight, output)
+        -> (grad_input, sum_dy, sum_dy_xhat)
+        == sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, output);
+           grad_input = backward_elemt(grad_out, input, mean, invstd, weight,
+                                       sum_dy / count, sum_dy_xhat / count, output)
+
+The point of fusing: the four functions each sweep the whole tensor (8 tensor-sized memory
+passes for a training step); a backend that keeps one channel's data in cache between the
+reduction and the elementwise pass needs 5.
 """
 
 import torch
