@@ -16,6 +16,7 @@ later eval-mode output would be NaN (pytorch#115500).
 
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,7 +99,6 @@ def _batch_norm(
     return output
 
 
-@torch.no_grad()
 def _update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -116,10 +116,12 @@ def _update_running_stats(
     """
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    unbiased_var = m2 / (count - 1)
     if mean.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Reading a flag costs nothing on the CPU: branch, and warn about a bad batch.
-        if not bool(torch.isfinite(m2).all()):
+        # Reading a flag costs nothing on the CPU: branch, and warn about a bad batch. The
+        # per-channel arithmetic runs in NumPy on the buffers' own memory: each tiny torch op
+        # costs several microseconds, as much as the whole update in NumPy.
+        m2_values = m2.detach().numpy()
+        if not np.isfinite(m2_values).all():
             warnings.warn(
                 "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
                 "input); running_mean and running_var were left unchanged",
@@ -130,29 +132,42 @@ def _update_running_stats(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         factor = momentum if momentum is not None else 1.0 / int(num_batches_tracked)
-        _lerp_(running_mean, mean, factor)
-        _lerp_(running_var, unbiased_var, factor)
+        _lerp_(running_mean, mean.detach().numpy(), factor)
+        _lerp_(running_var, m2_values / (float(count) - 1), factor)
         return
     # Traceable and free of host synchronisation (GPU, torch.compile with momentum=None too):
     # the same update through torch.where and a tensor factor.
-    finite = torch.isfinite(m2).all()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-    if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
-        factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
-    else:
-        factor = momentum
-    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-        current = running.to(batch.dtype)
-        running.copy_(torch.where(finite, current + factor * (batch - current), current))
+    with torch.no_grad():
+        finite = torch.isfinite(m2).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
+            factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
+        else:
+            factor = momentum
+        unbiased_var = m2 / (count - 1)
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            current = running.to(batch.dtype)
+            running.copy_(torch.where(finite, current + factor * (batch - current), current))
 
 
-def _lerp_(running: Tensor, batch: Tensor, factor: float) -> None:
-    """running += factor * (batch - running), in the batch statistics' precision."""
-    if running.dtype == batch.dtype:
-        running.lerp_(batch, factor)
-    else:  # float16 / bfloat16 buffers: update in float32, store rounded
-        running.copy_(running.to(batch.dtype).lerp_(batch, factor))
+def _lerp_(running: Tensor, batch: np.ndarray, factor: float) -> None:
+    """running += factor * (batch - running) in place, in the batch statistics' precision.
+
+    The write goes through NumPy, so the tensor's version counter is bumped by hand: autograd
+    must still notice the change if the buffer was saved for a backward pass (eval mode).
+    """
+    if running.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        running.copy_(torch.from_numpy(
+            running.float().numpy() + factor * (batch - running.float().numpy())))
+        return
+    values = running.detach().numpy()
+    if values.dtype == batch.dtype:
+        values += factor * (batch - values)
+    else:  # mixed precision (float16 buffers, or float64 buffers with float32 statistics)
+        wide = values.astype(np.promote_types(values.dtype, batch.dtype))
+        values[...] = wide + factor * (batch - wide)
+    torch.autograd.graph.increment_version(running)
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
