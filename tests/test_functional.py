@@ -272,3 +272,15 @@ def test_identity_recovery(shape, seed):
     beta = x.mean(dims)
     y = batch_norm(x, None, None, gamma, beta, training=True, eps=eps)
     torch.testing.assert_close(y, x, atol=1e-9, rtol=1e-9)
+
+
+def test_running_stats_changed_after_an_eval_forward_are_caught_by_autograd():
+    """The CPU update writes through NumPy and bumps the version counter by hand, so a backward
+    through an eval graph whose running statistics changed since raises instead of silently
+    using the new values (torch 2.13's CPU kernel updates them unseen: its backward goes on)."""
+    module = batchnorm.BatchNorm1d(3)
+    x = torch.randn(8, 3, requires_grad=True)
+    y = module.eval()(x)  # the eval graph keeps running_mean / running_var
+    module.train()(torch.randn(8, 3))  # updates them in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
