@@ -58,7 +58,7 @@ def backend_for(tensor: torch.Tensor) -> ModuleType:
 
 
 def backend_name(tensor: torch.Tensor) -> str:
-    """'cpu', 'triton' or 'torch': which kernels this tensor would run on."""
+    """'cpu', 'triton' or 'composite' (the torch fallback): which kernels this tensor would use."""
     return backend_for(tensor).__name__.rsplit(".", 1)[-1]
 
 
