@@ -293,3 +293,119 @@ def test_cache_falls_back_to_user_dir_then_to_none(tmp_path):
 
     result = _run(CACHE_SCRIPT, {**base, "XDG_CACHE_HOME": str(blocker / "cache")})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# forward_train / backward_train: the fused training step equals the four-op composition
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_CASES = CASES + [((2, 5, 3, 1), "contiguous"), ((3, 4, 9, 9), "channels_last")]
+
+
+def _compose_forward(x, w, b, res, relu, eps):
+    """composite.py's four-op forward, as ops.py runs it without forward_train."""
+    mean, m2 = composite.stats(x)
+    invstd = torch.rsqrt(m2 / (x.numel() // x.shape[1]) + eps)
+    return composite.elemt(x, mean, invstd, w, b, res, relu), mean, m2, invstd
+
+
+def _compose_backward(dy, x, mean, invstd, w, output):
+    sum_dy, sum_dy_xhat = composite.backward_reduce(dy, x, mean, invstd, output)
+    count = x.numel() // x.shape[1]
+    dx = composite.backward_elemt(dy, x, mean, invstd, w, sum_dy / count, sum_dy_xhat / count,
+                                  output)
+    return dx, sum_dy, sum_dy_xhat
+
+
+@pytest.fixture(params=["fused", "separate"])
+def slab_budget(request, monkeypatch):
+    """Both sides of the cache threshold: every shape fused, or none (the separate kernels)."""
+    monkeypatch.setattr(cpu, "FUSED_SLAB_BYTES", 1 << 40 if request.param == "fused" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape,layout", TRAIN_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "w{:d}b{:d}res{:d}relu{:d}".format(*f))
+def test_train_step(shape, layout, dtype, flags, slab_budget):
+    has_w, has_b, has_res, relu = flags
+    x, dy, res, w, b, _, _ = _inputs(shape, layout, dtype)
+    w, b, res = (w if has_w else None), (b if has_b else None), (res if has_res else None)
+    count, eps = x.numel() // shape[1], 1e-5
+    stat_tol = torch.float64 if dtype == torch.float64 else torch.float32  # inputs are exact
+
+    y, mean, m2, invstd = cpu.forward_train(x, w, b, res, relu, eps)
+    ref_y, ref_mean, ref_m2, ref_invstd = _compose_forward(x.double(), _f64(w), _f64(b),
+                                                           _f64(res), relu, eps)
+    acc = composite.stat_dtype(dtype)
+    assert (mean.dtype, m2.dtype, invstd.dtype) == (acc, acc, acc)
+    assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+    assert_close(mean, ref_mean, stat_tol, count, "mean")
+    assert_close(m2 / count, ref_m2 / count, stat_tol, count, "m2 / count")
+    assert_close(invstd, ref_invstd, stat_tol, count, "invstd")
+    assert_close(y, ref_y, dtype, count, "output")
+    # and the same as this backend's own separate ops, to their rounding
+    sep_mean, sep_m2 = cpu.stats(x)
+    torch.testing.assert_close(mean, sep_mean)
+    torch.testing.assert_close(m2, sep_m2)
+
+    output = y if relu else None  # the mask comes from the same output for both
+    dx, sum_dy, sum_dy_xhat = cpu.backward_train(dy, x, mean, invstd, w, output)
+    ref_dx, ref_sum_dy, ref_sum_dy_xhat = _compose_backward(
+        dy.double(), x.double(), mean.double(), invstd.double(), _f64(w), _f64(output))
+    assert (sum_dy.dtype, sum_dy_xhat.dtype) == (acc, acc)
+    assert dx.dtype == dtype and dx.stride() == torch.empty_like(x).stride()
+    assert_close(sum_dy / count, ref_sum_dy / count, stat_tol, count, "sum_dy")
+    assert_close(sum_dy_xhat / count, ref_sum_dy_xhat / count, stat_tol, count, "sum_dy_xhat")
+    assert_close(dx, ref_dx, dtype, count, "grad_input")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4999), (16, 8, 7, 7), (3, 1, 5, 5), (256, 32)])
+def test_train_step_uses_fused_kernels_within_budget(shape, monkeypatch):
+    """Within the budget the fused kernels run (counted), beyond it they do not."""
+    calls = []
+    for name in ("forward_train_ncs", "backward_train_ncs"):
+        pair = getattr(cpu._nk, name)
+        monkeypatch.setattr(cpu._nk, name, tuple(
+            (lambda k: (lambda *a: calls.append(name) or k(*a)))(k) for k in pair))
+    for name in ("forward_train_mc", "backward_train_mc"):
+        kernel = getattr(cpu._nk, name)
+        monkeypatch.setattr(cpu._nk, name,
+                            (lambda k, n: (lambda *a: calls.append(n) or k(*a)))(kernel, name))
+    x, dy, _, w, b, _, _ = _inputs(shape, "contiguous", torch.float32)
+    for budget, expected in ((1 << 30, 2), (16, 0)):
+        calls.clear()
+        monkeypatch.setattr(cpu, "FUSED_SLAB_BYTES", budget)
+        y, mean, m2, invstd = cpu.forward_train(x, w, b, None, False, 1e-5)
+        cpu.backward_train(dy, x, mean, invstd, w, None)
+        assert len(calls) == expected, (budget, calls)
+
+
+def test_train_step_stable_with_large_mean(slab_budget):
+    """float32, mean offset 1e4, unit variance: the fused statistics normalize within 1e-3."""
+    g = torch.Generator().manual_seed(3)
+    for layout, shape in (("contiguous", (8, 4, 33, 35)), ("contiguous", (5000, 3)),
+                          ("channels_last", (8, 4, 33, 35))):
+        x = _layout((torch.randn(shape, generator=g, dtype=torch.float64) + 1e4).float(), layout)
+        y, _, _, _ = cpu.forward_train(x, None, None, None, False, 1e-5)
+        ref_y = _compose_forward(x.double(), None, None, None, False, 1e-5)[0]
+        assert (y.double() - ref_y).abs().max() < 1e-3, layout
+
+
+def test_train_step_nan_propagates(slab_budget):
+    x = torch.randn(4, 3, 6, 6)
+    x[1, 2, 3, 3] = float("nan")
+    y, mean, m2, invstd = cpu.forward_train(x, None, None, None, True, 1e-5)
+    assert torch.isnan(mean[2]) and torch.isnan(m2[2]) and torch.isfinite(mean[:2]).all()
+    assert torch.isnan(y[:, 2]).all() and (y[:, :2] >= 0).all()
+    dx, sum_dy, _ = cpu.backward_train(torch.ones_like(x), x, mean, invstd, None, None)
+    assert torch.isnan(dx[:, 2]).all() and torch.isfinite(dx[:, :2]).all()
+
+
+def test_train_step_empty_batch():
+    x = torch.empty(0, 3, 4, 4)
+    y, mean, m2, invstd = cpu.forward_train(x, None, None, None, False, 1e-5)
+    ref = _compose_forward(x, None, None, None, False, 1e-5)
+    assert y.shape == x.shape
+    torch.testing.assert_close(m2, cpu.stats(x)[1])
+    assert mean.shape == ref[1].shape

@@ -402,3 +402,151 @@ backward_reduce_ncs = _kernel(_backward_reduce_ncs)
 backward_reduce_mc = _kernel(_backward_reduce_mc)
 backward_elemt_ncs = _kernel(_backward_elemt_ncs)
 backward_elemt_mc = _kernel(_backward_elemt_mc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused single-process training step (kernels/cpu.py forward_train / backward_train).
+#
+# "ncs": one task per channel. The channel's N * S values are read for its statistics and read
+# again right away for the elementwise pass, while they are still in cache: forward = read x +
+# write y (2 memory passes instead of 3), backward = read dy, x + write dx (3 instead of 5).
+# cpu.py takes this path only when a channel's slab fits its cache budget (FUSED_SLAB_BYTES).
+# "mc": the whole (M, C) array is the slab: the separate serial kernels, back to back in one
+# call (small inputs: one launch instead of two, the second pass from cache).
+# Results equal the four separate kernels': the same shifted sums (a float64 total of
+# input-precision partials over at most PIECE elements), the same elementwise formulas, and the
+# per-channel values read back from the float32 / float64 result arrays before use.
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_train_ncs(x, weight, bias, residual, has_residual, relu, eps, zero, mean, m2,
+                       invstd, out):
+    """x (N, C, S); writes mean, m2, invstd = 1 / sqrt(m2 / count + eps) (C,) and out (N, C, S)."""
+    N, C, S = x.shape
+    count = N * S
+    xr = x.reshape(-1)
+    yr = out.reshape(-1)
+    rr = residual.reshape(-1)
+    for c in prange(C):
+        shift = xr[c * S]  # x[0, c, 0]
+        s1c = 0.0
+        s2c = 0.0
+        for n in range(N):
+            row = n * C + c
+            for offset in range(0, S, PIECE):
+                start = np.uint64(row * S + offset)
+                end = np.uint64(row * S + min(S, offset + PIECE))
+                s1 = zero
+                s2 = zero
+                for i in range(start, end):
+                    d = xr[i] - shift
+                    s1 += d
+                    s2 += d * d
+                s1c += s1
+                s2c += s2
+        d_mean = s1c / count  # mean - K
+        mean[c] = shift + d_mean
+        m2[c] = max(s2c - s1c * d_mean, 0.0)
+        invstd[c] = 1.0 / np.sqrt(m2[c] / count + eps)
+        # the elementwise pass over the same channel, from cache
+        m = mean[c]
+        a = invstd[c] * weight[c]
+        b = bias[c]
+        for n in range(N):
+            start = np.uint64((n * C + c) * S)
+            end = start + np.uint64(S)
+            if has_residual:
+                if relu:
+                    for i in range(start, end):
+                        y = (xr[i] - m) * a + b + rr[i]
+                        yr[i] = zero if y < 0 else y  # NaN passes through, as clamp_min
+                else:
+                    for i in range(start, end):
+                        yr[i] = (xr[i] - m) * a + b + rr[i]
+            elif relu:
+                for i in range(start, end):
+                    y = (xr[i] - m) * a + b
+                    yr[i] = zero if y < 0 else y
+            else:
+                for i in range(start, end):
+                    yr[i] = (xr[i] - m) * a + b
+
+
+def _backward_train_ncs(dy, x, mean, invstd, weight, output, relu, zero, count, grad_input,
+                        sum_dy, sum_dy_xhat):
+    """Per channel: sum_dy, sum_dy_xhat, then dx with mean_dy = sum_dy / count (count: a scalar
+    of the statistics' dtype, so the division rounds as ops.py's tensor division does)."""
+    N, C, S = x.shape
+    xr = x.reshape(-1)
+    gr = dy.reshape(-1)
+    dr = grad_input.reshape(-1)
+    yr = output.reshape(-1)
+    for c in prange(C):
+        m = mean[c]
+        s1c = 0.0
+        s2c = 0.0
+        for n in range(N):
+            row = n * C + c
+            for offset in range(0, S, PIECE):
+                start = np.uint64(row * S + offset)
+                end = np.uint64(row * S + min(S, offset + PIECE))
+                s1 = zero
+                s2 = zero
+                if relu:
+                    for i in range(start, end):
+                        g = gr[i] if yr[i] > 0 else zero
+                        s1 += g
+                        s2 += g * (xr[i] - m)
+                else:
+                    for i in range(start, end):
+                        g = gr[i]
+                        s1 += g
+                        s2 += g * (xr[i] - m)
+                s1c += s1
+                s2c += s2
+        sum_dy[c] = s1c
+        sum_dy_xhat[c] = s2c * invstd[c]
+        # the elementwise pass over the same channel, from cache
+        mdy = sum_dy[c] / count
+        kc = invstd[c] * weight[c]
+        jc = invstd[c] * kc * (sum_dy_xhat[c] / count)
+        for n in range(N):
+            start = np.uint64((n * C + c) * S)
+            end = start + np.uint64(S)
+            if relu:
+                for i in range(start, end):
+                    g = gr[i] if yr[i] > 0 else zero
+                    dr[i] = (g - mdy) * kc - (xr[i] - m) * jc
+            else:
+                for i in range(start, end):
+                    dr[i] = (gr[i] - mdy) * kc - (xr[i] - m) * jc
+
+
+def _forward_train_mc(x, weight, bias, residual, has_residual, relu, eps, rows, zero, mean, m2,
+                      invstd, out):
+    """x (M, C): stats, invstd, elemt in one call (serial; the caller keeps it to small inputs)."""
+    M, C = x.shape
+    _stats_mc_serial(x, rows, zero, mean, m2)
+    for c in range(C):
+        invstd[c] = 1.0 / np.sqrt(m2[c] / M + eps)
+    _elemt_mc_serial(x, mean, invstd, weight, bias, residual, has_residual, relu, rows, zero, out)
+
+
+def _backward_train_mc(dy, x, mean, invstd, weight, output, relu, rows, zero, count, grad_input,
+                       sum_dy, sum_dy_xhat):
+    """x (M, C): backward_reduce then backward_elemt in one call (serial, small inputs)."""
+    _backward_reduce_mc_serial(dy, x, mean, invstd, output, relu, rows, zero, sum_dy, sum_dy_xhat)
+    mean_dy = sum_dy / count
+    mean_dy_xhat = sum_dy_xhat / count
+    _backward_elemt_mc_serial(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat, output, relu,
+                              rows, zero, grad_input)
+
+
+forward_train_ncs = _kernel(_forward_train_ncs)
+backward_train_ncs = _kernel(_backward_train_ncs)
+_stats_mc_serial = stats_mc[1]
+_elemt_mc_serial = elemt_mc[1]
+_backward_reduce_mc_serial = backward_reduce_mc[1]
+_backward_elemt_mc_serial = backward_elemt_mc[1]
+forward_train_mc = _compile(_forward_train_mc, parallel=False)
+backward_train_mc = _compile(_backward_train_mc, parallel=False)

@@ -4,7 +4,7 @@ Same functions, arguments and results as kernels/composite.py (the contract). Wh
 is the plumbing between torch and the kernels:
 
 - Layout. Contiguous (N, C, *) input is read as (N, C, S); channels-last (N, *, C) and (N, C)
-  input as (M, C), in place (numpy moveaxis + reshape: no transposing copy). grad_out, output and
+  input as (M, C), in place (numpy transpose + reshape: no transposing copy). grad_out, output and
   residual are brought to input's layout (a no-op when they are in it already, as ops.py ensures).
 - Allocation. Results of 4 MiB and more are numpy-allocated (np.empty + torch.from_numpy, on a
   2 MiB boundary) with input's strides: numpy asks the kernel for transparent huge pages on
@@ -24,6 +24,7 @@ is the plumbing between torch and the kernels:
 
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,13 +61,16 @@ def available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS if numba is not None else 1
+
+
 def _threads(numel: int) -> int:
     """Threads for a kernel over numel elements: torch's count, 1 for small inputs.
 
     numba's thread count follows torch's (capped by NUMBA_NUM_THREADS), so the two pools never add
     up to more than asked; torch.set_num_threads(1) means one thread for both.
     """
-    wanted = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    wanted = min(torch.get_num_threads(), _MAX_THREADS)
     if wanted <= 1 or numel < PARALLEL_MIN_ELEMENTS:
         return 1
     if numba.get_num_threads() != wanted:  # numba's count is per calling thread
@@ -74,47 +78,76 @@ def _threads(numel: int) -> int:
     return wanted
 
 
-class _Layout:
-    """How the kernels see a tensor shaped like `input`: 'ncs' (N, C, S) or 'mc' (M, C)."""
+class _Plan(NamedTuple):
+    """How the kernels see tensors shaped and strided like one input; cached per layout.
 
-    def __init__(self, input: Tensor):
-        N, C = input.shape[0], input.shape[1]
-        S = input.numel() // max(N * C, 1)
-        if input.dim() > 2 and S > 1 and C > 1 and not input.is_contiguous():
-            self.kind, self.shape = "mc", (N * S, C)  # channels_last(_3d): (N, *spatial, C)
-        elif S > 1:
-            self.kind, self.shape = "ncs", (N, C, S)
-        else:
-            self.kind, self.shape = "mc", (N, C)  # (N, C) or spatial 1x1: channels innermost
-        threads = _threads(input.numel())
-        self.variant = 1 if threads == 1 else 0  # index into each kernel's (parallel, serial)
-        if self.kind == "ncs":
-            self.split = _nk.ncs_pieces(N, C, S, TASKS_PER_THREAD * threads)
-        else:
-            self.split = _nk.mc_rows(self.shape[0], C, TASKS_PER_THREAD * threads)
+    kind 'ncs': (N, C, S) C-contiguous; 'mc': (M, C), channels innermost (channels-last input
+    read in place through a numpy transpose by `perm`, (N, C) and spatial 1x1 input as is).
+    """
 
-    def run(self, kernel, *args) -> None:
-        """Call the chosen variant; threaded launches one at a time (see _PARALLEL_LOCK)."""
-        if self.variant == 1:
+    kind: str
+    shape: tuple[int, ...]  # the kernels' array shape
+    perm: tuple[int, ...] | None  # numpy axes moving C last (channels-last input), else None
+    split: int  # piece length ('ncs') or rows per block ('mc')
+    variant: int  # index into each kernel's (parallel, serial) pair
+    threads: int
+    C: int
+    count: int  # elements per channel
+    plain_strides: bool  # input's strides are the contiguous ones (outputs can be numpy-made)
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 4096  # distinct (shape, strides, threads) keys kept; cleared when exceeded
+
+
+def _plan(input: Tensor) -> _Plan:
+    """The cached plan for input's shape, strides and the current thread count."""
+    numel = input.numel()
+    threads = _threads(numel)
+    key = (input.shape, input.stride(), threads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(input, threads)
+    return plan
+
+
+def _make_plan(input: Tensor, threads: int) -> _Plan:
+    N, C = input.shape[0], input.shape[1]
+    S = input.numel() // max(N * C, 1)
+    perm = None
+    if input.dim() > 2 and S > 1 and C > 1 and not input.is_contiguous():
+        # channels_last(_3d): memory order (N, *spatial, C)
+        kind, shape, perm = "mc", (N * S, C), (0, *range(2, input.dim()), 1)
+    elif S > 1:
+        kind, shape = "ncs", (N, C, S)
+    else:
+        kind, shape = "mc", (N, C)  # (N, C) or spatial 1x1: channels innermost
+    if kind == "ncs":
+        split = _nk.ncs_pieces(N, C, S, TASKS_PER_THREAD * threads)
+    else:
+        split = _nk.mc_rows(shape[0], C, TASKS_PER_THREAD * threads)
+    plain = input.stride() == torch.empty(0).new_empty(input.shape).stride()
+    return _Plan(kind, shape, perm, split, 1 if threads == 1 else 0, threads, C, N * S, plain)
+
+
+def _run(plan: _Plan, kernel, *args) -> None:
+    """Call the kernel; threaded launches one at a time (see _PARALLEL_LOCK)."""
+    if plan.variant == 1:
+        kernel(*args)
+    else:
+        with _PARALLEL_LOCK:
             kernel(*args)
-        else:
-            with _PARALLEL_LOCK:
-                kernel(*args)
 
-    def array(self, t: Tensor) -> np.ndarray:
-        """t as the kernels' numpy view; copies only when t is not in input's layout.
 
-        Reshaped by numpy (well under a microsecond) rather than torch (a few per call).
-        """
-        a = t.detach().numpy()
-        if self.kind == "ncs":
-            if not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
-            return a.reshape(self.shape)
-        a = np.moveaxis(a, 1, -1)  # (N, *spatial, C): contiguous for channels-last input
-        if not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a)
-        return a.reshape(self.shape)
+def _array(plan: _Plan, t: Tensor) -> np.ndarray:
+    """t as the kernels' C-contiguous numpy view; copies only when t is not in input's layout."""
+    a = t.numpy(force=True)  # force: detaches a tensor that requires grad (cheaper than detach())
+    if plan.perm is not None:
+        a = a.transpose(plan.perm)
+    a = a.reshape(plan.shape)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -123,6 +156,28 @@ def _dense(t: Tensor) -> Tensor:
             t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
         return t
     return t.contiguous()
+
+
+def _output(plan: _Plan, input: Tensor) -> tuple[Tensor, np.ndarray]:
+    """(torch.empty_like(input), its kernel array), made the cheapest way.
+
+    Small contiguous outputs are numpy-allocated and wrapped (np.empty + torch.from_numpy: one
+    torch call instead of torch.empty_like + .numpy()); others go through _empty_like.
+    """
+    if plan.plain_strides and input.numel() * input.element_size() < NUMPY_ALLOC_BYTES:
+        a = np.empty(input.shape, dtype=_NUMPY[input.dtype])
+        return torch.from_numpy(a), a.reshape(plan.shape)
+    out = _empty_like(input)
+    return out, _array(plan, out)
+
+
+def _vectors(count: int, C: int, dtype: torch.dtype) -> list[tuple[Tensor, np.ndarray]]:
+    """`count` fresh per-channel results as (tensor, numpy view) pairs, numpy-allocated."""
+    pairs = []
+    for _ in range(count):
+        a = np.empty(C, dtype=_NUMPY[dtype])
+        pairs.append((torch.from_numpy(a), a))
+    return pairs
 
 
 def _empty_like(input: Tensor) -> Tensor:
@@ -145,21 +200,37 @@ def _empty_like(input: Tensor) -> Tensor:
 _HUGE_PAGE = 2 << 20
 NUMPY_ALLOC_BYTES = 4 << 20  # numpy asks for huge pages from 4 MiB on
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+_ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+_FILLED: dict[tuple, np.ndarray] = {}  # (C, dtype, fill) -> constant vector (never written)
 
 
 def _vector(t: Tensor | None, C: int, dtype: torch.dtype, fill: float) -> np.ndarray:
     """A per-channel tensor (or `fill` when None) as a contiguous numpy vector of `dtype`."""
     if t is None:
-        return np.full(C, fill, dtype=_NUMPY[dtype])
+        key = (C, dtype, fill)
+        a = _FILLED.get(key)
+        if a is None:
+            if len(_FILLED) >= _PLANS_MAX:
+                _FILLED.clear()
+            a = _FILLED[key] = np.full(C, fill, dtype=_NUMPY[dtype])
+        return a
     if t.dtype != dtype:
         t = t.to(dtype)
-    return np.ascontiguousarray(t.detach().numpy())
+    a = t.numpy(force=True)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
     """float16 / bfloat16 -> float32 (numba cannot load them); other tensors unchanged."""
     return [None if t is None else _dense(t.float() if t.dtype not in _NATIVE else t)
             for t in tensors]
+
+
+def _native(input: Tensor) -> bool:
+    """float32 / float64 in a layout the kernels read in place: no upcast, no copy."""
+    return input.dtype in _NATIVE and (
+        input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last) or (
+            input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,15 +240,14 @@ def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
 
 def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and M2 = sum((x - mean)^2): one pass, shifted sums (see _numba_kernels)."""
-    (x,) = _upcast(input)
+    x = input if _native(input) else _upcast(input)[0]
     C, acc = x.shape[1], stat_dtype(x.dtype)
-    mean, m2 = torch.empty(C, dtype=acc), torch.empty(C, dtype=acc)
     if x.numel() == 0:
-        return mean.fill_(float("nan")), m2.fill_(0.0)
-    layout = _Layout(x)
-    zero = _NUMPY[x.dtype](0)
-    kernel = (_nk.stats_ncs if layout.kind == "ncs" else _nk.stats_mc)[layout.variant]
-    layout.run(kernel, layout.array(x), layout.split, zero, mean.numpy(), m2.numpy())
+        return torch.full((C,), float("nan"), dtype=acc), torch.zeros(C, dtype=acc)
+    (mean, mean_array), (m2, m2_array) = _vectors(2, C, acc)
+    plan = _plan(x)
+    kernel = (_nk.stats_ncs if plan.kind == "ncs" else _nk.stats_mc)[plan.variant]
+    _run(plan, kernel, _array(plan, x), plan.split, _ZERO[x.dtype], mean_array, m2_array)
     return mean, m2
 
 
@@ -191,41 +261,56 @@ def elemt(
     relu: bool,
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias, then + residual, then ReLU, each if asked."""
-    x, res = _upcast(input, residual)
-    if res is not None and res.dtype != x.dtype:
-        res = res.to(x.dtype)
+    if _native(input) and (residual is None or residual.dtype == input.dtype):
+        x, res = input, residual
+    else:
+        x, res = _upcast(input, residual)
+        if res is not None and res.dtype != x.dtype:
+            res = res.to(x.dtype)
     C, acc = x.shape[1], invstd.dtype
-    out = _empty_like(x)
-    if x.numel() > 0:
-        layout = _Layout(x)
-        kernel = (_nk.elemt_ncs if layout.kind == "ncs" else _nk.elemt_mc)[layout.variant]
-        res_array = layout.array(res) if res is not None else layout.array(x)  # unread if None
-        layout.run(kernel, layout.array(x), _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
-               _vector(weight, C, acc, 1), _vector(bias, C, acc, 0), res_array,
-               res is not None, bool(relu), layout.split, _NUMPY[acc](0), layout.array(out))
+    if x.numel() == 0:
+        out = torch.empty_like(x)
+    else:
+        plan = _plan(x)
+        out, out_array = _output(plan, x)
+        kernel = (_nk.elemt_ncs if plan.kind == "ncs" else _nk.elemt_mc)[plan.variant]
+        x_array = _array(plan, x)
+        res_array = _array(plan, res) if res is not None else x_array  # unread if None
+        _run(plan, kernel, x_array, _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
+             _vector(weight, C, acc, 1), _vector(bias, C, acc, 0), res_array,
+             res is not None, bool(relu), plan.split, _ZERO[acc], out_array)
     return out if out.dtype == input.dtype else out.to(input.dtype)
+
+
+def _backward_inputs(grad_out, input, output):
+    """(dy, x, y) in a dtype the kernels load, dy and y in x's dtype."""
+    if (_native(input) and grad_out.dtype == input.dtype
+            and (output is None or output.dtype == input.dtype)):
+        return grad_out, input, output
+    dy, x, y = _upcast(grad_out, input, output)
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    if y is not None and y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return dy, x, y
 
 
 def backward_reduce(
     grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, output: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """sum_dy = sum(dy), sum_dy_xhat = sum(dy * x_hat) per channel; dy masked by a fused ReLU."""
-    dy, x, y = _upcast(grad_out, input, output)
-    if dy.dtype != x.dtype:
-        dy = dy.to(x.dtype)
+    dy, x, y = _backward_inputs(grad_out, input, output)
     C, acc = x.shape[1], mean.dtype
-    sum_dy, sum_dy_xhat = torch.empty(C, dtype=acc), torch.empty(C, dtype=acc)
     if x.numel() == 0:
-        return sum_dy.zero_(), sum_dy_xhat.zero_()
-    layout = _Layout(x)
-    kernels = _nk.backward_reduce_ncs if layout.kind == "ncs" else _nk.backward_reduce_mc
-    kernel = kernels[layout.variant]
-    x_array = layout.array(x)
-    y_array = layout.array(y.to(x.dtype)) if y is not None else x_array  # unread if None
-    layout.run(kernel, layout.array(dy), x_array, _vector(mean, C, x.dtype, 0),
-               _vector(invstd, C, acc, 1),
-           y_array, y is not None, layout.split, _NUMPY[x.dtype](0), sum_dy.numpy(),
-           sum_dy_xhat.numpy())
+        return torch.zeros(C, dtype=acc), torch.zeros(C, dtype=acc)
+    (sum_dy, sum_dy_array), (sum_dy_xhat, sum_dy_xhat_array) = _vectors(2, C, acc)
+    plan = _plan(x)
+    kernels = _nk.backward_reduce_ncs if plan.kind == "ncs" else _nk.backward_reduce_mc
+    x_array = _array(plan, x)
+    y_array = _array(plan, y) if y is not None else x_array  # unread if None
+    _run(plan, kernels[plan.variant], _array(plan, dy), x_array, _vector(mean, C, x.dtype, 0),
+         _vector(invstd, C, acc, 1), y_array, y is not None, plan.split, _ZERO[x.dtype],
+         sum_dy_array, sum_dy_xhat_array)
     return sum_dy, sum_dy_xhat
 
 
@@ -240,20 +325,117 @@ def backward_elemt(
     output: Tensor | None,
 ) -> Tensor:
     """grad_input = (dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight."""
-    dy, x, y = _upcast(grad_out, input, output)
-    if dy.dtype != x.dtype:
-        dy = dy.to(x.dtype)
+    dy, x, y = _backward_inputs(grad_out, input, output)
     C, acc = x.shape[1], mean.dtype
-    out = _empty_like(x)
-    if x.numel() > 0:
-        layout = _Layout(x)
-        kernels = _nk.backward_elemt_ncs if layout.kind == "ncs" else _nk.backward_elemt_mc
-        kernel = kernels[layout.variant]
-        x_array = layout.array(x)
-        y_array = layout.array(y.to(x.dtype)) if y is not None else x_array  # unread if None
-        layout.run(kernel, layout.array(dy), x_array, _vector(mean, C, acc, 0),
-                   _vector(invstd, C, acc, 1),
-               _vector(weight, C, acc, 1), _vector(mean_dy, C, acc, 0),
-               _vector(mean_dy_xhat, C, acc, 0), y_array, y is not None, layout.split,
-               _NUMPY[acc](0), layout.array(out))
+    if x.numel() == 0:
+        out = torch.empty_like(x)
+    else:
+        plan = _plan(x)
+        out, out_array = _output(plan, x)
+        kernels = _nk.backward_elemt_ncs if plan.kind == "ncs" else _nk.backward_elemt_mc
+        x_array = _array(plan, x)
+        y_array = _array(plan, y) if y is not None else x_array  # unread if None
+        _run(plan, kernels[plan.variant], _array(plan, dy), x_array, _vector(mean, C, acc, 0),
+             _vector(invstd, C, acc, 1), _vector(weight, C, acc, 1), _vector(mean_dy, C, acc, 0),
+             _vector(mean_dy_xhat, C, acc, 0), y_array, y is not None, plan.split, _ZERO[acc],
+             out_array)
     return out if out.dtype == input.dtype else out.to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused single-process training step (optional in the contract: kernels/composite.py)
+# ---------------------------------------------------------------------------------------------
+
+# Cache budget of the fused path: a contiguous input's channel slab (N * S elements; x for the
+# forward, dy and x for the backward) or a whole (M, C) / channels-last input. Within it, the
+# statistics and the elementwise pass run back to back on data still in cache; beyond it the
+# separate kernels run (each spread over (n, c, piece) tasks). Measured: benchmarks/RESULTS.md.
+FUSED_SLAB_BYTES = 1 << 20
+
+
+def _fused(plan: _Plan, slab_bytes: int) -> bool:
+    """Whether the fused kernels serve this input (tests monkeypatch FUSED_SLAB_BYTES)."""
+    if plan.kind == "ncs":  # one task per channel: enough channels to keep every thread busy
+        return slab_bytes <= FUSED_SLAB_BYTES and (plan.threads == 1 or plan.C >= 2 * plan.threads)
+    # (M, C): the whole array is one serial task
+    return plan.variant == 1 and slab_bytes * plan.C <= FUSED_SLAB_BYTES
+
+
+def forward_train(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(output, mean, m2, invstd): stats, invstd = rsqrt(m2 / count + eps), elemt, fused."""
+    if not (_native(input) and (residual is None or residual.dtype == input.dtype)) or (
+            input.numel() == 0):
+        return _forward_train_separate(input, weight, bias, residual, relu, eps)
+    x = input
+    plan = _plan(x)
+    if not _fused(plan, plan.count * x.element_size()):
+        return _forward_train_separate(input, weight, bias, residual, relu, eps)
+    C, acc = plan.C, stat_dtype(x.dtype)
+    (mean, mean_array), (m2, m2_array), (invstd, invstd_array) = _vectors(3, C, acc)
+    out, out_array = _output(plan, x)
+    x_array = _array(plan, x)
+    res_array = _array(plan, residual) if residual is not None else x_array  # unread if None
+    args = (x_array, _vector(weight, C, acc, 1), _vector(bias, C, acc, 0), res_array,
+            residual is not None, bool(relu), float(eps))
+    results = (mean_array, m2_array, invstd_array, out_array)
+    if plan.kind == "ncs":
+        _run(plan, _nk.forward_train_ncs[plan.variant], *args, _ZERO[acc], *results)
+    else:
+        _nk.forward_train_mc(*args, plan.split, _ZERO[acc], *results)
+    return out, mean, m2, invstd
+
+
+def _forward_train_separate(input, weight, bias, residual, relu, eps):
+    """The four-op composition (what ops.py runs without forward_train)."""
+    mean, m2 = stats(input)
+    invstd = torch.rsqrt(m2 / (input.numel() // input.shape[1]) + eps)
+    return elemt(input, mean, invstd, weight, bias, residual, relu), mean, m2, invstd
+
+
+def backward_train(
+    grad_out: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    output: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, sum_dy, sum_dy_xhat): backward_reduce, then backward_elemt with
+    mean_dy = sum_dy / count and mean_dy_xhat = sum_dy_xhat / count, fused."""
+    dy, x, y = _backward_inputs(grad_out, input, output)
+    if x is not input or x.numel() == 0:  # upcast (fp16 / bf16) or empty: the separate kernels
+        return _backward_train_separate(grad_out, input, mean, invstd, weight, output)
+    plan = _plan(x)
+    slab = plan.count * x.element_size() * (2 if y is None else 3)  # dy, x (and the output)
+    if not _fused(plan, slab):
+        return _backward_train_separate(grad_out, input, mean, invstd, weight, output)
+    C, acc = plan.C, mean.dtype
+    (sum_dy, sum_dy_array), (sum_dy_xhat, sum_dy_xhat_array) = _vectors(2, C, acc)
+    grad_input, grad_input_array = _output(plan, x)
+    x_array = _array(plan, x)
+    y_array = _array(plan, y) if y is not None else x_array  # unread if None
+    args = (_array(plan, dy), x_array, _vector(mean, C, acc, 0), _vector(invstd, C, acc, 1),
+            _vector(weight, C, acc, 1), y_array, y is not None)
+    results = (grad_input_array, sum_dy_array, sum_dy_xhat_array)
+    count = _NUMPY[acc](plan.count)
+    if plan.kind == "ncs":
+        _run(plan, _nk.backward_train_ncs[plan.variant], *args, _ZERO[acc], count, *results)
+    else:
+        _nk.backward_train_mc(*args, plan.split, _ZERO[acc], count, *results)
+    return grad_input, sum_dy, sum_dy_xhat
+
+
+def _backward_train_separate(grad_out, input, mean, invstd, weight, output):
+    """The two-op composition (what ops.py runs without backward_train)."""
+    sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, output)
+    count = input.numel() // input.shape[1]
+    grad_input = backward_elemt(grad_out, input, mean, invstd, weight, sum_dy / count,
+                                sum_dy_xhat / count, output)
+    return grad_input, sum_dy, sum_dy_xhat
