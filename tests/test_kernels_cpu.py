@@ -364,14 +364,18 @@ def test_train_step(shape, layout, dtype, flags, slab_budget):
 def test_train_step_uses_fused_kernels_within_budget(shape, monkeypatch):
     """Within the budget the fused kernels run (counted), beyond it they do not."""
     calls = []
+
+    def counted(kernel, name):
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+        return call
+
     for name in ("forward_train_ncs", "backward_train_ncs"):
         pair = getattr(cpu._nk, name)
-        monkeypatch.setattr(cpu._nk, name, tuple(
-            (lambda k: (lambda *a: calls.append(name) or k(*a)))(k) for k in pair))
+        monkeypatch.setattr(cpu._nk, name, tuple(counted(k, name) for k in pair))
     for name in ("forward_train_mc", "backward_train_mc"):
-        kernel = getattr(cpu._nk, name)
-        monkeypatch.setattr(cpu._nk, name,
-                            (lambda k, n: (lambda *a: calls.append(n) or k(*a)))(kernel, name))
+        monkeypatch.setattr(cpu._nk, name, counted(getattr(cpu._nk, name), name))
     x, dy, _, w, b, _, _ = _inputs(shape, "contiguous", torch.float32)
     for budget, expected in ((1 << 30, 2), (16, 0)):
         calls.clear()
