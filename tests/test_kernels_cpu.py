@@ -320,7 +320,9 @@ def _compose_backward(dy, x, mean, invstd, w, output):
 @pytest.fixture(params=["fused", "separate"])
 def slab_budget(request, monkeypatch):
     """Both sides of the cache threshold: every shape fused, or none (the separate kernels)."""
-    monkeypatch.setattr(cpu, "FUSED_SLAB_BYTES", 1 << 40 if request.param == "fused" else 0)
+    fused = request.param == "fused"
+    monkeypatch.setattr(cpu, "FUSED_SLAB_BYTES", 1 << 40 if fused else 0)
+    monkeypatch.setattr(cpu, "FUSED_MIN_ROW_BYTES", 0 if fused else 1 << 40)
     return request.param
 
 
@@ -376,6 +378,7 @@ def test_train_step_uses_fused_kernels_within_budget(shape, monkeypatch):
         monkeypatch.setattr(cpu._nk, name, tuple(counted(k, name) for k in pair))
     for name in ("forward_train_mc", "backward_train_mc"):
         monkeypatch.setattr(cpu._nk, name, counted(getattr(cpu._nk, name), name))
+    monkeypatch.setattr(cpu, "FUSED_MIN_ROW_BYTES", 0)
     x, dy, _, w, b, _, _ = _inputs(shape, "contiguous", torch.float32)
     for budget, expected in ((1 << 30, 2), (16, 0)):
         calls.clear()

@@ -346,18 +346,26 @@ def backward_elemt(
 # The fused single-process training step (optional in the contract: kernels/composite.py)
 # ---------------------------------------------------------------------------------------------
 
-# Cache budget of the fused path: a contiguous input's channel slab (N * S elements; x for the
-# forward, dy and x for the backward) or a whole (M, C) / channels-last input. Within it, the
-# statistics and the elementwise pass run back to back on data still in cache; beyond it the
-# separate kernels run (each spread over (n, c, piece) tasks). Measured: benchmarks/RESULTS.md.
-FUSED_SLAB_BYTES = 1 << 20
+# When the fused kernels serve (tests monkeypatch both). Measured at 1 thread on the 2-core EPYC
+# (512 KiB L2 per core, 8 MiB L3), fused vs separate kernels, forward / backward:
+#   slab 49-196 KiB (16x128x28x28 .. 16x64x56x56)    1.11-1.27x / 1.17-1.26x faster
+#   slab 784 KiB (16x64x112x112, 64x64x56x56)        0.94-1.01x / 1.06-1.10x
+#   slab 4 MiB (4x8x512x512)                         0.99x / 1.00x
+#   rows of 196-784 bytes (7x7, 14x14 maps)           0.79-0.84x / 0.82-0.93x slower
+# The gain is smaller than the pass count suggests (3 -> 2 forward): the output's stores still
+# read each line first (write-allocate), so the fused forward saves the statistics' read only.
+# Short rows lose: one channel's rows are N short runs a whole (C, S) plane apart, which the
+# hardware prefetcher follows worse than the separate kernels' sequential sweep.
+FUSED_SLAB_BYTES = 2 << 20  # a channel's N * S elements (x; dy and x backward; + output w/ ReLU)
+FUSED_MIN_ROW_BYTES = 2048  # contiguous run per (n, c) row: S * itemsize
 
 
-def _fused(plan: _Plan, slab_bytes: int) -> bool:
-    """Whether the fused kernels serve this input (tests monkeypatch FUSED_SLAB_BYTES)."""
+def _fused(plan: _Plan, slab_bytes: int, itemsize: int) -> bool:
+    """Whether the fused kernels serve this input."""
     if plan.kind == "ncs":  # one task per channel: enough channels to keep every thread busy
-        return slab_bytes <= FUSED_SLAB_BYTES and (plan.threads == 1 or plan.C >= 2 * plan.threads)
-    # (M, C): the whole array is one serial task
+        return (slab_bytes <= FUSED_SLAB_BYTES and plan.shape[2] * itemsize >= FUSED_MIN_ROW_BYTES
+                and (plan.threads == 1 or plan.C >= 2 * plan.threads))
+    # (M, C) and channels-last: the whole array is one serial task
     return plan.variant == 1 and slab_bytes * plan.C <= FUSED_SLAB_BYTES
 
 
@@ -375,7 +383,7 @@ def forward_train(
         return _forward_train_separate(input, weight, bias, residual, relu, eps)
     x = input
     plan = _plan(x)
-    if not _fused(plan, plan.count * x.element_size()):
+    if not _fused(plan, plan.count * x.element_size(), x.element_size()):
         return _forward_train_separate(input, weight, bias, residual, relu, eps)
     C, acc = plan.C, stat_dtype(x.dtype)
     (mean, mean_array), (m2, m2_array), (invstd, invstd_array) = _vectors(3, C, acc)
@@ -414,7 +422,7 @@ def backward_train(
         return _backward_train_separate(grad_out, input, mean, invstd, weight, output)
     plan = _plan(x)
     slab = plan.count * x.element_size() * (2 if y is None else 3)  # dy, x (and the output)
-    if not _fused(plan, slab):
+    if not _fused(plan, slab, x.element_size()):
         return _backward_train_separate(grad_out, input, mean, invstd, weight, output)
     C, acc = plan.C, mean.dtype
     (sum_dy, sum_dy_array), (sum_dy_xhat, sum_dy_xhat_array) = _vectors(2, C, acc)
