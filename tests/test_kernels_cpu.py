@@ -39,7 +39,7 @@ CASES = [
     ((2, 3, 2, 3, 5), "contiguous"),
     ((2, 3, 2, 3, 5), "channels_last"),
     ((2, 2, 4999), "contiguous"),  # several pieces per (n, c) row
-    ((1100, 8), "contiguous"),  # (M, C) with several low-precision flushes per block
+    ((2100, 3), "contiguous"),  # (M, C): 350-row blocks, two flushes of MC_FLUSH_ROWS each
 ]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FLAGS = [  # (weight, bias, residual, relu)
@@ -386,6 +386,15 @@ def test_train_step_uses_fused_kernels_within_budget(shape, monkeypatch):
         y, mean, m2, invstd = cpu.forward_train(x, w, b, None, False, 1e-5)
         cpu.backward_train(dy, x, mean, invstd, w, None)
         assert len(calls) == expected, (budget, calls)
+    if len(shape) == 4 and shape[1] > 2:  # short rows: fused only while the whole input fits
+        monkeypatch.setattr(cpu, "FUSED_MIN_ROW_BYTES", 1 << 30)
+        whole = x.numel() * 4 * 2  # dy and x
+        for budget, expected in ((whole, 2), (whole // shape[1], 0)):
+            calls.clear()
+            monkeypatch.setattr(cpu, "FUSED_SLAB_BYTES", budget)
+            y, mean, m2, invstd = cpu.forward_train(x, w, b, None, False, 1e-5)
+            cpu.backward_train(dy, x, mean, invstd, w, None)
+            assert len(calls) == expected, (budget, calls)
 
 
 def test_train_step_stable_with_large_mean(slab_budget):

@@ -363,7 +363,10 @@ FUSED_MIN_ROW_BYTES = 2048  # contiguous run per (n, c) row: S * itemsize
 def _fused(plan: _Plan, slab_bytes: int, itemsize: int) -> bool:
     """Whether the fused kernels serve this input."""
     if plan.kind == "ncs":  # one task per channel: enough channels to keep every thread busy
-        return (slab_bytes <= FUSED_SLAB_BYTES and plan.shape[2] * itemsize >= FUSED_MIN_ROW_BYTES
+        # short rows are fine when the whole input fits the budget (cache-resident anyway)
+        long_rows = (plan.shape[2] * itemsize >= FUSED_MIN_ROW_BYTES
+                     or slab_bytes * plan.C <= FUSED_SLAB_BYTES)
+        return (slab_bytes <= FUSED_SLAB_BYTES and long_rows
                 and (plan.threads == 1 or plan.C >= 2 * plan.threads))
     # (M, C) and channels-last: the whole array is one serial task
     return plan.variant == 1 and slab_bytes * plan.C <= FUSED_SLAB_BYTES
