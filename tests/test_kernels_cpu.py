@@ -425,3 +425,32 @@ def test_train_step_empty_batch():
     assert y.shape == x.shape
     torch.testing.assert_close(m2, cpu.stats(x)[1])
     assert mean.shape == ref[1].shape
+
+
+def test_large_outputs_reuse_only_free_buffers(monkeypatch):
+    """A large output's buffer is handed out again only when nothing refers to it any more."""
+    monkeypatch.setattr(cpu, "_POOL", {})
+    x = torch.randn(4, 4, 256, 260)  # above NUMPY_ALLOC_BYTES
+    assert x.numel() * 4 >= cpu.NUMPY_ALLOC_BYTES
+    y = cpu._empty_like(x)
+    first = y.data_ptr()
+    assert first % (2 << 20) == 0 and y.stride() == x.stride()
+    held = [cpu._empty_like(x) for _ in range(2)]  # y is alive: fresh buffers
+    assert first not in {t.data_ptr() for t in held}
+    view, array = y[1], y.numpy()
+    del y
+    assert cpu._empty_like(x).data_ptr() != first  # a view still refers to it
+    del view
+    assert cpu._empty_like(x).data_ptr() != first  # a numpy array still refers to it
+    del array
+    z = cpu._empty_like(x)
+    assert z.data_ptr() == first  # free: reused
+    z.fill_(2.0)  # and the kernels write results into a reused buffer, not stale values
+    out = cpu.elemt(x, torch.zeros(4), torch.ones(4), None, None, None, False)
+    del z, out
+    out = cpu.elemt(x, torch.zeros(4), torch.ones(4), None, None, None, False)
+    torch.testing.assert_close(out, x)
+    monkeypatch.setattr(cpu, "POOL_MAX_BYTES", 0)  # reuse off: nothing is kept
+    cpu._POOL.clear()
+    cpu._empty_like(x)
+    assert not any(cpu._POOL.values())

@@ -9,7 +9,14 @@ is the plumbing between torch and the kernels:
 - Allocation. Results of 4 MiB and more are numpy-allocated (np.empty + torch.from_numpy, on a
   2 MiB boundary) with input's strides: numpy asks the kernel for transparent huge pages on
   large arrays (madvise); torch's CPU allocator does not unless THP_MEM_ALLOC_ENABLE=1, and the
-  4 KiB page faults of a fresh output cost as much as the kernel writing it (RESULTS.md).
+  4 KiB page faults of a fresh output cost as much as the kernel writing it (RESULTS.md). Freed
+  large buffers are reused (up to POOL_MAX_BYTES held): a fresh page is zeroed by the OS first.
+  Small results and per-channel vectors are made by numpy and wrapped (one torch call each).
+- Overhead. Per (shape, strides, threads) a cached _Plan says how the kernels view the tensors;
+  each tensor becomes a numpy view with one .numpy() call and numpy reshapes.
+- Fused training step. forward_train / backward_train (optional in the contract) run the
+  statistics and the elementwise pass per channel while its data are in cache, when a channel's
+  slab fits FUSED_SLAB_BYTES (see there for the measured thresholds); else the separate kernels.
 - Threads. torch and numba each have a thread pool. Before each kernel call numba's thread count
   is set to torch.get_num_threads() (capped by NUMBA_NUM_THREADS), so `torch.set_num_threads(1)`
   means one thread for both. Unless NUMBA_THREADING_LAYER is set, numba uses its 'workqueue'
@@ -23,6 +30,7 @@ is the plumbing between torch and the kernels:
 """
 
 import os
+import sys
 import threading
 from typing import NamedTuple
 
@@ -186,15 +194,47 @@ def _empty_like(input: Tensor) -> Tensor:
     Below NUMPY_ALLOC_BYTES torch's allocator serves (glibc reuses its heap). Above, a fresh
     output is page-faulted in 4 KiB pages by torch (3,100 faults for 12.8 MB) but in 2 MiB pages
     by numpy, which madvises huge pages for large arrays; starting the buffer on a 2 MiB boundary
-    makes every page of it eligible (70 faults).
+    makes every page of it eligible (70 faults). Even then the kernel zeroes every fresh page
+    (51 MB: ~4 ms, a tenth of a training step), so freed large buffers are reused (_large_buffer).
     """
     nbytes = input.numel() * input.element_size()
     if nbytes < NUMPY_ALLOC_BYTES:
         return torch.empty_like(input)
-    raw = np.empty(nbytes + _HUGE_PAGE, dtype=np.uint8)
-    start = -raw.ctypes.data % _HUGE_PAGE
-    buffer = torch.from_numpy(raw[start:start + nbytes]).view(input.dtype)
+    buffer = torch.from_numpy(_large_buffer(nbytes)).view(input.dtype)
     return buffer.as_strided(input.shape, input.stride())
+
+
+# Freed large outputs kept for reuse, like torch's CUDA caching allocator: nbytes -> [(raw,
+# offset of the 2 MiB boundary)]. A buffer is free when nothing but this pool refers to it: every
+# tensor or array made from it holds a reference to `raw` (torch.from_numpy keeps the numpy view,
+# whose base is raw). At most POOL_MAX_BYTES are kept; 0 turns reuse off.
+POOL_MAX_BYTES = 256 << 20
+_POOL: dict[int, list[tuple[np.ndarray, int]]] = {}
+_POOL_LOCK = threading.Lock()
+_FREE_REFS = 2  # sys.getrefcount(raw) of a free buffer: the pool's entry tuple, the argument
+
+
+def _free(entry: tuple[np.ndarray, int]) -> bool:
+    """Whether nothing outside the pool refers to the buffer (a view's base counts)."""
+    return sys.getrefcount(entry[0]) <= _FREE_REFS
+
+
+def _large_buffer(nbytes: int) -> np.ndarray:
+    """nbytes on a 2 MiB boundary: a free pooled buffer, else a fresh one (pooled if room)."""
+    with _POOL_LOCK:  # the view is taken under the lock: it marks the buffer as used
+        for entry in _POOL.get(nbytes, ()):
+            if _free(entry):
+                return entry[0][entry[1]:entry[1] + nbytes]
+        raw = np.empty(nbytes + _HUGE_PAGE, dtype=np.uint8)
+        entry = (raw, -raw.ctypes.data % _HUGE_PAGE)
+        held = sum(e[0].nbytes for es in _POOL.values() for e in es)
+        if held + raw.nbytes > POOL_MAX_BYTES:  # make room: drop the free buffers of any size
+            for size, es in list(_POOL.items()):
+                _POOL[size] = [e for e in es if not _free(e)]
+            held = sum(e[0].nbytes for es in _POOL.values() for e in es)
+        if held + raw.nbytes <= POOL_MAX_BYTES:
+            _POOL.setdefault(nbytes, []).append(entry)
+        return raw[entry[1]:entry[1] + nbytes]
 
 
 _HUGE_PAGE = 2 << 20
