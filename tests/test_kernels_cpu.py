@@ -214,6 +214,9 @@ FORK_SCRIPT = """
         mean, m2 = cpu.stats(x)
         assert torch.allclose(mean.double(), ref_mean, atol=1e-5)
         assert torch.allclose(m2.double(), ref_m2, rtol=1e-4)
+        _, mean, m2, _ = cpu.forward_train(x, None, None, None, False, 1e-5)  # fused, threaded
+        assert torch.allclose(mean.double(), ref_mean, atol=1e-5)
+        assert torch.allclose(m2.double(), ref_m2, rtol=1e-4)
     check()
     import numba  # numba's thread count follows torch's, for large inputs only
     assert cpu._threads(10**6) == 2 and numba.get_num_threads() == 2
