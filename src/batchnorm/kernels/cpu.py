@@ -207,8 +207,9 @@ def _empty_like(input: Tensor) -> Tensor:
 # Freed large outputs kept for reuse, like torch's CUDA caching allocator: nbytes -> [(raw,
 # offset of the 2 MiB boundary)]. A buffer is free when nothing but this pool refers to it: every
 # tensor or array made from it holds a reference to `raw` (torch.from_numpy keeps the numpy view,
-# whose base is raw). At most POOL_MAX_BYTES are kept; 0 turns reuse off.
-POOL_MAX_BYTES = 256 << 20
+# whose base is raw). At most POOL_MAX_BYTES are kept (BATCHNORM_CPU_POOL_MB, default 256);
+# 0 turns reuse off.
+POOL_MAX_BYTES = int(os.environ.get("BATCHNORM_CPU_POOL_MB", "256")) << 20
 _POOL: dict[int, list[tuple[np.ndarray, int]]] = {}
 _POOL_LOCK = threading.Lock()
 _FREE_REFS = 2  # sys.getrefcount(raw) of a free buffer: the pool's entry tuple, the argument
