@@ -208,7 +208,8 @@ FORK_SCRIPT = """
     import os, torch
     torch.set_num_threads(2)
     from batchnorm.kernels import cpu, composite
-    x = torch.randn(8, 16, 40, 40)  # above PARALLEL_MIN_ELEMENTS: the threaded variant
+    x = torch.randn(8, 16, 96, 96)  # above PARALLEL_MIN_ELEMENTS: the threaded variant
+    assert x.numel() >= cpu.PARALLEL_MIN_ELEMENTS
     ref_mean, ref_m2 = composite.stats(x.double())
     def check():
         mean, m2 = cpu.stats(x)
@@ -219,10 +220,11 @@ FORK_SCRIPT = """
         assert torch.allclose(m2.double(), ref_m2, rtol=1e-4)
     check()
     import numba  # numba's thread count follows torch's, for large inputs only
-    assert cpu._threads(10**6) == 2 and numba.get_num_threads() == 2
+    big = cpu.PARALLEL_MIN_ELEMENTS
+    assert cpu._threads(big) == 2 and numba.get_num_threads() == 2
     assert cpu._threads(100) == 1
     torch.set_num_threads(1)
-    assert cpu._threads(10**6) == 1
+    assert cpu._threads(big) == 1
     torch.set_num_threads(2)
     from concurrent.futures import ThreadPoolExecutor  # concurrent launches from Python threads
     with ThreadPoolExecutor(4) as pool:
