@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import ops
+from batchnorm.kernels.composite import channel_view
 from batchnorm.ops import StatsSync
 
 __all__ = ["batch_norm"]
@@ -172,7 +173,7 @@ def _lerp_(running: Tensor, batch: np.ndarray, factor: float) -> None:
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """An empty batch gives an empty output that still depends on weight and bias (zero grads)."""
-    shape = (1, -1) + (1,) * (input.dim() - 2)
+    shape = channel_view(input)
     output = input.clone()
     if weight is not None:
         output = output * weight.view(shape)

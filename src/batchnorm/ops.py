@@ -16,21 +16,14 @@ SyncBatchNorm uses. A `StatsSync` (distributed.py) is the only difference betwee
 and synchronized batch norm: it combines the per-rank statistics and sums after each reduce.
 """
 
+import types
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from batchnorm import kernels
-from batchnorm.kernels.composite import stat_dtype
-
-
-def _view(x: Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-def _dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
+from batchnorm.kernels.composite import channel_view, reduce_dims, relu_masked, stat_dtype
 
 
 def _count(x: Tensor) -> int:
@@ -64,7 +57,7 @@ def _stats_setup(ctx, inputs, output):
 def _stats_backward(ctx, grad_mean, grad_m2):
     # d mean / dx = 1 / count;  d M2 / dx = 2 (x - mean)  (the sum of the deviations is zero)
     input, mean = ctx.saved_tensors
-    shape = _view(input)
+    shape = channel_view(input)
     grad = torch.zeros_like(input, dtype=mean.dtype)
     if grad_mean is not None:
         grad = grad + (grad_mean / _count(input)).view(shape)
@@ -116,12 +109,13 @@ def _elemt_backward(ctx, grad_out):
     input, mean, invstd, weight, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=memory_format(input))
-    sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, output)
+    run = _runner(input)
+    sum_dy, sum_dy_xhat = run.backward_reduce(grad_out, input, mean, invstd, output)
     w = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     grad_input = grad_mean = grad_invstd = grad_weight = grad_bias = grad_residual = None
     if needs[0]:
         zero = torch.zeros_like(mean)
-        grad_input = _backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
+        grad_input = run.backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
     if needs[1]:
         grad_mean = -invstd * w * sum_dy
     if needs[2]:
@@ -131,7 +125,7 @@ def _elemt_backward(ctx, grad_out):
     if needs[4]:
         grad_bias = sum_dy.to(ctx.bias_dtype)
     if needs[5]:
-        grad_residual = _relu_masked(grad_out, output).to(ctx.residual_dtype)
+        grad_residual = relu_masked(grad_out, output).to(ctx.residual_dtype)
     return grad_input, grad_mean, grad_invstd, grad_weight, grad_bias, grad_residual, None
 
 
@@ -164,8 +158,8 @@ def _backward_reduce_setup(ctx, inputs, output):
 def _backward_reduce_backward(ctx, grad_sum_dy, grad_sum_dy_xhat):
     # sum_dy = sum(m dy),  sum_dy_xhat = sum(m dy (x - mean) invstd),  m = the ReLU mask
     grad_out, input, mean, invstd, relu_output = ctx.saved_tensors
-    shape, dims, acc = _view(input), _dims(input), mean.dtype
-    dy = _relu_masked(grad_out, relu_output).to(acc)
+    shape, dims, acc = channel_view(input), reduce_dims(input), mean.dtype
+    dy = relu_masked(grad_out, relu_output).to(acc)
     x_mu = input.to(acc) - mean.view(shape)
     x_hat = x_mu * invstd.view(shape)
     if grad_sum_dy is None:
@@ -173,7 +167,7 @@ def _backward_reduce_backward(ctx, grad_sum_dy, grad_sum_dy_xhat):
     if grad_sum_dy_xhat is None:
         grad_sum_dy_xhat = torch.zeros_like(mean)
     g_sum, g_sdx = grad_sum_dy.view(shape), grad_sum_dy_xhat.view(shape)
-    grad_dy = _relu_masked(g_sum + g_sdx * x_hat, relu_output).to(grad_out.dtype)
+    grad_dy = relu_masked(g_sum + g_sdx * x_hat, relu_output).to(grad_out.dtype)
     grad_input = (g_sdx * dy * invstd.view(shape)).to(input.dtype)
     grad_mean = -grad_sum_dy_xhat * invstd * dy.sum(dims)
     grad_invstd = grad_sum_dy_xhat * (dy * x_mu).sum(dims)
@@ -217,15 +211,15 @@ def _backward_elemt_setup(ctx, inputs, output):
 def _backward_elemt_backward(ctx, grad):
     # dx = (m dy - mean_dy - x_hat mean_dy_xhat) k,  x_hat = (x - mean) invstd,  k = invstd weight
     grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, relu_output = ctx.saved_tensors
-    shape, dims, acc = _view(input), _dims(input), mean.dtype
+    shape, dims, acc = channel_view(input), reduce_dims(input), mean.dtype
     w = torch.ones_like(invstd) if weight is None else weight.to(acc)
-    dy = _relu_masked(grad_out, relu_output).to(acc)
+    dy = relu_masked(grad_out, relu_output).to(acc)
     x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
     g = grad.to(acc)
     k = (invstd * w).view(shape)
     mdy, mdx = mean_dy.view(shape), mean_dy_xhat.view(shape)
     inner = dy - mdy - x_hat * mdx  # dx / k
-    grad_dy = _relu_masked(g * k, relu_output).to(grad_out.dtype)
+    grad_dy = relu_masked(g * k, relu_output).to(grad_out.dtype)
     grad_input = (-g * k * mdx * invstd.view(shape)).to(input.dtype)
     grad_mean = (g * k * mdx).sum(dims) * invstd
     # d/d invstd of (m dy - mean_dy) invstd w - (x - mean) invstd^2 w mean_dy_xhat
@@ -256,12 +250,6 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _relu_masked(grad_out: Tensor, relu_output: Tensor | None) -> Tensor:
-    if relu_output is None:
-        return grad_out
-    return torch.where(relu_output > 0, grad_out, torch.zeros_like(grad_out))
-
-
 def _plain_eager(t: Tensor) -> bool:
     """True when calling an op would only route to its kernel: autograd is not recording, and
     nothing traces or intercepts (torch.compile, FakeTensor, functorch transforms, dispatch or
@@ -277,23 +265,17 @@ def _plain_eager(t: Tensor) -> bool:
     )
 
 
-def _stats(input):
-    return kernels.backend_for(input).stats(input) if _plain_eager(input) else stats(input)
+# The four ops under the backends' function names: what _runner returns when the call must go
+# through the dispatcher (autograd recording, tracing).
+_OPS = types.SimpleNamespace(stats=stats, elemt=elemt, backward_reduce=backward_reduce,
+                             backward_elemt=backward_elemt)
 
 
-def _elemt(input, mean, invstd, weight, bias, residual, relu):
-    fn = kernels.backend_for(input).elemt if _plain_eager(input) else elemt
-    return fn(input, mean, invstd, weight, bias, residual, relu)
-
-
-def _backward_reduce(grad_out, input, mean, invstd, output):
-    fn = kernels.backend_for(input).backward_reduce if _plain_eager(input) else backward_reduce
-    return fn(grad_out, input, mean, invstd, output)
-
-
-def _backward_elemt(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
-    fn = kernels.backend_for(input).backward_elemt if _plain_eager(input) else backward_elemt
-    return fn(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output)
+def _runner(input: Tensor):
+    """The backend module itself when calling an op would only route to it (_plain_eager), else
+    the ops. Either has stats / elemt / backward_reduce / backward_elemt with the same arguments;
+    only a backend may also have the fused forward_train / backward_train."""
+    return kernels.backend_for(input) if _plain_eager(input) else _OPS
 
 
 class StatsSync(Protocol):
@@ -313,19 +295,18 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync):
         count = _count(input)
-        backend = kernels.backend_for(input)
-        if sync is None and _plain_eager(input) and hasattr(backend, "forward_train"):
+        run = _runner(input)
+        if sync is None and hasattr(run, "forward_train"):
             # The backend's fused single-process forward (e.g. one sweep per channel while the
             # channel's data stays in cache): the same result as the four-op path below.
-            output, mean, m2, invstd = backend.forward_train(input, weight, bias, residual, relu,
-                                                             eps)
+            output, mean, m2, invstd = run.forward_train(input, weight, bias, residual, relu, eps)
         else:
-            mean, m2 = _stats(input)
+            mean, m2 = run.stats(input)
             if sync is not None:
                 mean, m2, count = sync.combine_stats(mean, m2, count)
             var = m2 / count  # biased: the normalization uses the batch's own variance
             invstd = torch.rsqrt(var + eps)
-            output = _elemt(input, mean, invstd, weight, bias, residual, relu)
+            output = run.elemt(input, mean, invstd, weight, bias, residual, relu)
         ctx.eps, ctx.sync, ctx.count = eps, sync, count
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -348,28 +329,27 @@ class _BatchNormTrain(torch.autograd.Function):
             mean, m2 = stats(input)
             invstd = torch.rsqrt(m2 / ctx.count + ctx.eps)
         grad_input = grad_weight = grad_bias = grad_residual = None
-        backend = kernels.backend_for(input)
-        if (ctx.sync is None and ctx.needs_input_grad[0] and _plain_eager(input)
-                and hasattr(backend, "backward_train")):
+        run = _runner(input)
+        if ctx.sync is None and ctx.needs_input_grad[0] and hasattr(run, "backward_train"):
             # The backend's fused single-process backward: reduce and elementwise in one sweep.
-            grad_input, sum_dy, sum_dy_xhat = backend.backward_train(
+            grad_input, sum_dy, sum_dy_xhat = run.backward_train(
                 grad_out, input, mean, invstd, weight, relu_output)
             local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat
         else:
-            sum_dy, sum_dy_xhat = _backward_reduce(grad_out, input, mean, invstd, relu_output)
+            sum_dy, sum_dy_xhat = run.backward_reduce(grad_out, input, mean, invstd, relu_output)
             local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat  # parameter grads: per rank
             if ctx.sync is not None:
                 sum_dy, sum_dy_xhat = ctx.sync.sum_grads(sum_dy, sum_dy_xhat)
             if ctx.needs_input_grad[0]:
-                grad_input = _backward_elemt(grad_out, input, mean, invstd, weight,
-                                             sum_dy / ctx.count, sum_dy_xhat / ctx.count,
-                                             relu_output)
+                grad_input = run.backward_elemt(grad_out, input, mean, invstd, weight,
+                                                sum_dy / ctx.count, sum_dy_xhat / ctx.count,
+                                                relu_output)
         if ctx.needs_input_grad[1]:
             grad_weight = local_sum_dy_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = local_sum_dy.to(ctx.bias_dtype)
         if ctx.has_residual and ctx.needs_input_grad[3]:
-            grad_residual = _relu_masked(grad_out, relu_output)
+            grad_residual = relu_masked(grad_out, relu_output)
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
 
 
@@ -402,4 +382,4 @@ def batch_norm_eval(
     """Normalize with given statistics (running estimates): one elementwise pass."""
     acc = stat_dtype(input.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)
-    return _elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
+    return _runner(input).elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)

@@ -50,17 +50,17 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _channel_view(x: Tensor) -> tuple[int, ...]:
+def channel_view(x: Tensor) -> tuple[int, ...]:
     """Shape that broadcasts a (C,) vector against x: (1, C, 1, ...)."""
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
+def reduce_dims(x: Tensor) -> list[int]:
     """Every axis but the channel axis."""
     return [0, *range(2, x.dim())]
 
 
-def _masked(grad_out: Tensor, output: Tensor | None) -> Tensor:
+def relu_masked(grad_out: Tensor, output: Tensor | None) -> Tensor:
     """Gradient through a fused ReLU: zero where the output was clamped."""
     if output is None:
         return grad_out
@@ -75,7 +75,7 @@ def stats(input: Tensor) -> tuple[Tensor, Tensor]:
     plain mean is off by several ulps of 1e4, the textbook E[x^2] - E[x]^2 by everything).
     """
     x = input.to(stat_dtype(input.dtype))
-    dims, shape = _reduce_dims(x), _channel_view(x)
+    dims, shape = reduce_dims(x), channel_view(x)
     if x.numel() == 0:  # an empty rank of SyncBatchNorm: count 0 contributes nothing
         return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
     shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)  # x[0, :, 0, ...]
@@ -95,7 +95,7 @@ def elemt(
     relu: bool,
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias, then + residual, then ReLU, each if asked."""
-    shape = _channel_view(input)
+    shape = channel_view(input)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     y = (input.to(invstd.dtype) - mean.view(shape)) * scale.view(shape)  # x - mean first: stable
     if bias is not None:
@@ -114,8 +114,8 @@ def backward_reduce(
 ) -> tuple[Tensor, Tensor]:
     """sum_dy = sum(dy), sum_dy_xhat = sum(dy * x_hat) per channel; dy masked by a fused ReLU."""
     acc = mean.dtype
-    dims, shape = _reduce_dims(input), _channel_view(input)
-    dy = _masked(grad_out, output).to(acc)
+    dims, shape = reduce_dims(input), channel_view(input)
+    dy = relu_masked(grad_out, output).to(acc)
     x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
     return dy.sum(dims), (dy * x_hat).sum(dims)
 
@@ -135,8 +135,8 @@ def backward_elemt(
     With mean_dy = mean_dy_xhat = 0 this is the eval-mode gradient dy * invstd * weight.
     """
     acc = mean.dtype
-    shape = _channel_view(input)
-    dy = _masked(grad_out, output).to(acc)
+    shape = channel_view(input)
+    dy = relu_masked(grad_out, output).to(acc)
     x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
     scale = invstd if weight is None else invstd * weight.to(acc)
     dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_xhat.view(shape)) * scale.view(shape)
