@@ -16,12 +16,11 @@ later eval-mode output would be NaN (pytorch#115500).
 
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from batchnorm import ops
-from batchnorm.kernels.composite import channel_view
+from batchnorm.layout import channel_view, memory_format
 from batchnorm.ops import StatsSync
 
 __all__ = ["batch_norm"]
@@ -69,9 +68,9 @@ def _batch_norm(
     num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
     _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
            momentum, eps)
-    input = input.contiguous(memory_format=ops.memory_format(input))
+    input = input.contiguous(memory_format=memory_format(input))
     if residual is not None:
-        residual = residual.contiguous(memory_format=ops.memory_format(input))
+        residual = residual.contiguous(memory_format=memory_format(input))
 
     if not training:
         if running_mean is None or running_var is None:
@@ -91,84 +90,26 @@ def _batch_norm(
             num_batches_tracked.add_(1)
         return _empty_batch(input, weight, bias)
 
-    output, mean, m2, count = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync)
-    if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, mean, m2, count, momentum,
-                              num_batches_tracked)
-    elif num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None  # as torch: both or neither are updated
+    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+    output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
+                                                running)
+    if running_mean is not None:
+        warn_if_skipped(finite)
     return output
 
 
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    m2: Tensor,
-    count: Tensor,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-) -> None:
-    """running <- running + factor * (batch - running), skipped when the batch is not finite.
-
-    running_var takes the unbiased estimate m2 / (count - 1) (Bessel's correction), although the
-    batch was normalized with the biased one, m2 / count: the paper's Algorithm 2, and torch.
-    m2 is NaN whenever any input value is NaN or infinite, so it alone tells a bad batch.
-    """
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Reading a flag costs nothing on the CPU: branch, and warn about a bad batch. The
-        # per-channel arithmetic runs in NumPy on the buffers' own memory: each tiny torch op
-        # costs several microseconds, as much as the whole update in NumPy.
-        m2_values = m2.detach().numpy()
-        if not np.isfinite(m2_values).all():
-            warnings.warn(
-                "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
-                "input); running_mean and running_var were left unchanged",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else 1.0 / int(num_batches_tracked)
-        _lerp_(running_mean, mean.detach().numpy(), factor)
-        _lerp_(running_var, m2_values / (float(count) - 1), factor)
-        return
-    # Traceable and free of host synchronisation (GPU, torch.compile with momentum=None too):
-    # the same update through torch.where and a tensor factor.
-    with torch.no_grad():
-        finite = torch.isfinite(m2).all()
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-        if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
-            factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
-        else:
-            factor = momentum
-        unbiased_var = m2 / (count - 1)
-        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-            current = running.to(batch.dtype)
-            running.copy_(torch.where(finite, current + factor * (batch - current), current))
-
-
-def _lerp_(running: Tensor, batch: np.ndarray, factor: float) -> None:
-    """running += factor * (batch - running) in place, in the batch statistics' precision.
-
-    The write goes through NumPy, so the tensor's version counter is bumped by hand: autograd
-    must still notice the change if the buffer was saved for a backward pass (eval mode).
-    """
-    if running.dtype == torch.bfloat16:  # NumPy has no bfloat16
-        running.copy_(torch.from_numpy(
-            running.float().numpy() + factor * (batch - running.float().numpy())))
-        return
-    values = running.detach().numpy()
-    if values.dtype == batch.dtype:
-        values += factor * (batch - values)
-    else:  # mixed precision (float16 buffers, or float64 buffers with float32 statistics)
-        wide = values.astype(np.promote_types(values.dtype, batch.dtype))
-        values[...] = wide + factor * (batch - wide)
-    torch.autograd.graph.increment_version(running)
+def warn_if_skipped(finite: Tensor) -> None:
+    """The RuntimeWarning for a training batch whose statistics were not finite (CPU only:
+    reading the flag elsewhere would cost a host synchronisation every step)."""
+    if finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite:
+        warnings.warn(
+            "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
+            "input); running_mean and running_var were left unchanged",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -1,51 +1,142 @@
-"""The four batch-norm primitives as torch custom ops, and the autograd glue that composes them.
+"""The batchnorm:: ops: schemas (defined here, once), fake implementations, autograd formulas,
+and the compositions that modules and functional.py call.
 
-    batchnorm::stats            (input)                        -> (mean, m2)
+    primitives (SyncBatchNorm, double backward, tracing)
+    batchnorm::stats            (input) -> (mean, m2)
     batchnorm::elemt            (input, mean, invstd, weight?, bias?, residual?, relu) -> output
-    batchnorm::backward_reduce  (grad_out, input, mean, invstd, output?)  -> (sum_dy, sum_dy_xhat)
-    batchnorm::backward_elemt   (grad_out, input, mean, invstd, weight?,
-                                 mean_dy, mean_dy_xhat, output?)        -> grad_input
+    batchnorm::backward_reduce  (grad_out, input, mean, invstd, output?) -> (sum_dy, sum_dy_xhat)
+    batchnorm::backward_elemt   (grad_out, input, mean, invstd, weight?, mean_dy, mean_dy_xhat,
+                                 output?) -> grad_input
+    fused single-process steps
+    batchnorm::forward_train    (input, weight?, bias?, residual?, relu, eps, running_mean(a!)?,
+                                 running_var(b!)?, num_batches_tracked(c!)?, momentum?)
+                                -> (output, mean, m2, invstd, finite)
+    batchnorm::backward_train   (grad_out, input, mean, invstd, weight?, output?)
+                                -> (grad_input, sum_dy, sum_dy_xhat)
+    batchnorm::forward_eval     (input, running_mean, running_var, weight?, bias?, residual?, relu,
+                                 eps) -> output
+    batchnorm::update_running_stats (running_mean(a!), running_var(b!), num_batches_tracked(c!)?,
+                                 mean, m2, count, momentum?) -> finite
 
-kernels/composite.py states the semantics. Each op has a fake (meta) implementation for
-torch.compile and an autograd formula written with the other ops or plain torch operations, so
-every op is differentiable any number of times (double backward, gradgradcheck).
+kernels/composite.py states the semantics. Each device's kernels are registered for its dispatch
+key (kernels/__init__.py): CPU the C++ extension, CUDA Triton, every other device (and CPU
+without the extension) the composite in torch operations. Every call goes through these ops.
 
-`batch_norm_train` composes the ops into one training-mode batch norm with the fused backward:
-one reduce (sum dy, sum dy * x_hat) and one elementwise pass, the decomposition PyTorch's
-SyncBatchNorm uses. A `StatsSync` (distributed.py) is the only difference between single-process
-and synchronized batch norm: it combines the per-rank statistics and sums after each reduce.
+The primitives have fake implementations and autograd formulas written with the other ops, so
+they are differentiable any number of times (gradgradcheck). The fused ops are called inside
+the autograd.Functions below, which are their autograd formulas.
+
+forward_train updates the running statistics in place: running = running + factor * (batch -
+running), factor = momentum, or 1 / num_batches_tracked when momentum is None (cumulative), with
+the unbiased batch variance; a batch whose statistics are not finite (NaN or Inf in the input)
+updates nothing and returns finite = False. update_running_stats is the same update on its own,
+for SyncBatchNorm, ghost batch norm and batch renormalization.
 """
 
-import types
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from batchnorm import kernels
-from batchnorm.kernels.composite import channel_view, reduce_dims, relu_masked, stat_dtype
+from batchnorm.layout import channel_view, memory_format, reduce_dims, relu_masked, stat_dtype
+
+_lib = torch.library.Library("batchnorm", "DEF")
+
+SCHEMAS = {
+    "stats": "(Tensor input) -> (Tensor mean, Tensor m2)",
+    "elemt": "(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+             "Tensor? residual, bool relu) -> Tensor",
+    "backward_reduce": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+                       "Tensor? output) -> (Tensor sum_dy, Tensor sum_dy_xhat)",
+    "backward_elemt": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+                      "Tensor? weight, Tensor mean_dy, Tensor mean_dy_xhat, Tensor? output) "
+                      "-> Tensor",
+    "forward_train": "(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, "
+                     "float eps, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+                     "Tensor(c!)? num_batches_tracked, float? momentum) "
+                     "-> (Tensor output, Tensor mean, Tensor m2, Tensor invstd, Tensor finite)",
+    "backward_train": "(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
+                      "Tensor? weight, Tensor? output) "
+                      "-> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xhat)",
+    "forward_eval": "(Tensor input, Tensor running_mean, Tensor running_var, Tensor? weight, "
+                    "Tensor? bias, Tensor? residual, bool relu, float eps) -> Tensor",
+    "update_running_stats": "(Tensor(a!) running_mean, Tensor(b!) running_var, "
+                            "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor m2, "
+                            "Tensor count, float? momentum) -> Tensor finite",
+}
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+kernels.register(_lib, tuple(SCHEMAS))
+
+stats = torch.ops.batchnorm.stats.default
+elemt = torch.ops.batchnorm.elemt.default
+backward_reduce = torch.ops.batchnorm.backward_reduce.default
+backward_elemt = torch.ops.batchnorm.backward_elemt.default
+forward_train = torch.ops.batchnorm.forward_train.default
+backward_train = torch.ops.batchnorm.backward_train.default
+forward_eval = torch.ops.batchnorm.forward_eval.default
+update_running_stats = torch.ops.batchnorm.update_running_stats.default
 
 
 def _count(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
+def _vector(input: Tensor) -> Tensor:
+    return input.new_empty(input.shape[1], dtype=stat_dtype(input.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
-# stats
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("batchnorm::stats", mutates_args=())
-def stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and M2 = sum((x - mean)^2), in float32 (float64 for float64 input)."""
-    return kernels.backend_for(input).stats(input)
-
-
-@stats.register_fake
+@torch.library.register_fake("batchnorm::stats")
 def _(input):
-    C = input.shape[1]
-    dtype = stat_dtype(input.dtype)
-    return input.new_empty(C, dtype=dtype), input.new_empty(C, dtype=dtype)
+    return _vector(input), _vector(input)
+
+
+@torch.library.register_fake("batchnorm::elemt")
+def _(input, mean, invstd, weight, bias, residual, relu):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("batchnorm::backward_reduce")
+def _(grad_out, input, mean, invstd, output):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("batchnorm::backward_elemt")
+def _(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("batchnorm::forward_train")
+def _(input, weight, bias, residual, relu, eps, running_mean, running_var, num_batches_tracked,
+      momentum):
+    finite = input.new_empty((), dtype=torch.bool)
+    return torch.empty_like(input), _vector(input), _vector(input), _vector(input), finite
+
+
+@torch.library.register_fake("batchnorm::backward_train")
+def _(grad_out, input, mean, invstd, weight, output):
+    return torch.empty_like(input), torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("batchnorm::forward_eval")
+def _(input, running_mean, running_var, weight, bias, residual, relu, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("batchnorm::update_running_stats")
+def _(running_mean, running_var, num_batches_tracked, mean, m2, count, momentum):
+    return mean.new_empty((), dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd formulas of the primitives
+# ---------------------------------------------------------------------------------------------
 
 
 def _stats_setup(ctx, inputs, output):
@@ -66,33 +157,7 @@ def _stats_backward(ctx, grad_mean, grad_m2):
     return grad.to(input.dtype)
 
 
-stats.register_autograd(_stats_backward, setup_context=_stats_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# elemt
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("batchnorm::elemt", mutates_args=())
-def elemt(
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    relu: bool,
-) -> Tensor:
-    """(x - mean) * invstd * weight + bias [+ residual] [ReLU], in input's dtype and layout."""
-    return kernels.backend_for(input).elemt(input, mean, invstd, weight, bias, residual, relu)
-
-
-@elemt.register_fake
-def _(input, mean, invstd, weight, bias, residual, relu):
-    return torch.empty_like(input)
-
-
+torch.library.register_autograd("batchnorm::stats", _stats_backward, setup_context=_stats_setup)
 def _elemt_setup(ctx, inputs, output):
     input, mean, invstd, weight, bias, residual, relu = inputs
     ctx.relu = relu
@@ -109,13 +174,12 @@ def _elemt_backward(ctx, grad_out):
     input, mean, invstd, weight, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_out = grad_out.contiguous(memory_format=memory_format(input))
-    run = _runner(input)
-    sum_dy, sum_dy_xhat = run.backward_reduce(grad_out, input, mean, invstd, output)
+    sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, output)
     w = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     grad_input = grad_mean = grad_invstd = grad_weight = grad_bias = grad_residual = None
     if needs[0]:
         zero = torch.zeros_like(mean)
-        grad_input = run.backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
+        grad_input = backward_elemt(grad_out, input, mean, invstd, weight, zero, zero, output)
     if needs[1]:
         grad_mean = -invstd * w * sum_dy
     if needs[2]:
@@ -129,25 +193,7 @@ def _elemt_backward(ctx, grad_out):
     return grad_input, grad_mean, grad_invstd, grad_weight, grad_bias, grad_residual, None
 
 
-elemt.register_autograd(_elemt_backward, setup_context=_elemt_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# backward_reduce
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("batchnorm::backward_reduce", mutates_args=())
-def backward_reduce(
-    grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, output: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-channel sum(dy) and sum(dy * x_hat); dy masked by output > 0 when output is given."""
-    return kernels.backend_for(input).backward_reduce(grad_out, input, mean, invstd, output)
-
-
-@backward_reduce.register_fake
-def _(grad_out, input, mean, invstd, output):
-    return torch.empty_like(mean), torch.empty_like(mean)
+torch.library.register_autograd("batchnorm::elemt", _elemt_backward, setup_context=_elemt_setup)
 
 
 def _backward_reduce_setup(ctx, inputs, output):
@@ -174,34 +220,8 @@ def _backward_reduce_backward(ctx, grad_sum_dy, grad_sum_dy_xhat):
     return grad_dy, grad_input, grad_mean, grad_invstd, None
 
 
-backward_reduce.register_autograd(_backward_reduce_backward, setup_context=_backward_reduce_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# backward_elemt
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("batchnorm::backward_elemt", mutates_args=())
-def backward_elemt(
-    grad_out: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    mean_dy: Tensor,
-    mean_dy_xhat: Tensor,
-    output: Tensor | None,
-) -> Tensor:
-    """(dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight, in input's dtype and layout."""
-    return kernels.backend_for(input).backward_elemt(
-        grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output
-    )
-
-
-@backward_elemt.register_fake
-def _(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
-    return torch.empty_like(input)
+torch.library.register_autograd("batchnorm::backward_reduce", _backward_reduce_backward,
+                                setup_context=_backward_reduce_setup)
 
 
 def _backward_elemt_setup(ctx, inputs, output):
@@ -231,51 +251,13 @@ def _backward_elemt_backward(ctx, grad):
             grad_mean_dy_xhat, None)
 
 
-backward_elemt.register_autograd(_backward_elemt_backward, setup_context=_backward_elemt_setup)
+torch.library.register_autograd("batchnorm::backward_elemt", _backward_elemt_backward,
+                                setup_context=_backward_elemt_setup)
 
 
 # ---------------------------------------------------------------------------------------------
-# Composition: training-mode batch norm with the fused backward
+# Compositions: training and evaluation batch norm
 # ---------------------------------------------------------------------------------------------
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """The dense layout x is in: channels_last(_3d) when x is stored that way, else contiguous."""
-    if (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.channels_last
-    if (x.dim() == 5 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last_3d)):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _plain_eager(t: Tensor) -> bool:
-    """True when calling an op would only route to its kernel: autograd is not recording, and
-    nothing traces or intercepts (torch.compile, FakeTensor, functorch transforms, dispatch or
-    torch-function modes). Then the composition below calls the kernel directly and skips the
-    dispatcher's round trip through Python, which costs more than the kernel on small tensors."""
-    return (
-        not torch.is_grad_enabled()
-        and type(t) is Tensor
-        and not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-    )
-
-
-# The four ops under the backends' function names: what _runner returns when the call must go
-# through the dispatcher (autograd recording, tracing).
-_OPS = types.SimpleNamespace(stats=stats, elemt=elemt, backward_reduce=backward_reduce,
-                             backward_elemt=backward_elemt)
-
-
-def _runner(input: Tensor):
-    """The backend module itself when calling an op would only route to it (_plain_eager), else
-    the ops. Either has stats / elemt / backward_reduce / backward_elemt with the same arguments;
-    only a backend may also have the fused forward_train / backward_train."""
-    return kernels.backend_for(input) if _plain_eager(input) else _OPS
 
 
 class StatsSync(Protocol):
@@ -288,37 +270,44 @@ class StatsSync(Protocol):
         """Per-rank (sum dy, sum dy x_hat) -> their sums over every rank."""
 
 
+class RunningStats(NamedTuple):
+    """The buffers a training step updates, and how: momentum, or None for the cumulative
+    average over num_batches_tracked."""
+
+    mean: Tensor | None
+    var: Tensor | None
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+
+
 class _BatchNormTrain(torch.autograd.Function):
-    """Forward: stats -> (sync) -> invstd -> elemt.
-    Backward: backward_reduce -> (sync) -> backward_elemt."""
+    """Single process: forward_train / backward_train, the fused steps.
+    With a StatsSync: stats -> combine_stats -> elemt, and backward_reduce -> sum_grads ->
+    backward_elemt, then update_running_stats with the global statistics."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, eps, relu, sync):
+    def forward(ctx, input, weight, bias, residual, eps, relu, sync, running):
         count = _count(input)
-        run = _runner(input)
-        if sync is None and hasattr(run, "forward_train"):
-            # The backend's fused single-process forward (e.g. one sweep per channel while the
-            # channel's data stays in cache): the same result as the four-op path below.
-            output, mean, m2, invstd = run.forward_train(input, weight, bias, residual, relu, eps)
+        if sync is None:
+            output, mean, m2, invstd, finite = forward_train(
+                input, weight, bias, residual, relu, eps, running.mean, running.var,
+                running.num_batches_tracked, running.momentum)
         else:
-            mean, m2 = run.stats(input)
-            if sync is not None:
-                mean, m2, count = sync.combine_stats(mean, m2, count)
+            mean, m2 = stats(input)
+            mean, m2, count = sync.combine_stats(mean, m2, count)
             var = m2 / count  # biased: the normalization uses the batch's own variance
             invstd = torch.rsqrt(var + eps)
-            output = run.elemt(input, mean, invstd, weight, bias, residual, relu)
+            output = elemt(input, mean, invstd, weight, bias, residual, relu)
+            finite = update_running(running, mean, m2, count)
         ctx.eps, ctx.sync, ctx.count = eps, sync, count
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight, mean, invstd, output if relu else None)
-        # running_var stores the unbiased estimate m2 / (count - 1); the caller updates the buffers
-        count_tensor = count if isinstance(count, Tensor) else torch.full(
-            (), count, dtype=m2.dtype, device=m2.device)  # no host-to-device copy
-        ctx.mark_non_differentiable(mean, m2, count_tensor)
-        return output, mean, m2, count_tensor
+        ctx.mark_non_differentiable(mean, m2, finite)
+        return output, mean, m2, finite
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_m2, _grad_count):
+    def backward(ctx, grad_out, _grad_mean, _grad_m2, _grad_finite):
         input, weight, mean, invstd, relu_output = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=memory_format(input))
         if torch.is_grad_enabled():
@@ -329,28 +318,41 @@ class _BatchNormTrain(torch.autograd.Function):
             mean, m2 = stats(input)
             invstd = torch.rsqrt(m2 / ctx.count + ctx.eps)
         grad_input = grad_weight = grad_bias = grad_residual = None
-        run = _runner(input)
-        if ctx.sync is None and ctx.needs_input_grad[0] and hasattr(run, "backward_train"):
-            # The backend's fused single-process backward: reduce and elementwise in one sweep.
-            grad_input, sum_dy, sum_dy_xhat = run.backward_train(
-                grad_out, input, mean, invstd, weight, relu_output)
+        if ctx.sync is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+            grad_input, sum_dy, sum_dy_xhat = backward_train(grad_out, input, mean, invstd,
+                                                             weight, relu_output)
             local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat
         else:
-            sum_dy, sum_dy_xhat = run.backward_reduce(grad_out, input, mean, invstd, relu_output)
+            sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, relu_output)
             local_sum_dy, local_sum_dy_xhat = sum_dy, sum_dy_xhat  # parameter grads: per rank
             if ctx.sync is not None:
                 sum_dy, sum_dy_xhat = ctx.sync.sum_grads(sum_dy, sum_dy_xhat)
             if ctx.needs_input_grad[0]:
-                grad_input = run.backward_elemt(grad_out, input, mean, invstd, weight,
-                                                sum_dy / ctx.count, sum_dy_xhat / ctx.count,
-                                                relu_output)
+                grad_input = backward_elemt(grad_out, input, mean, invstd, weight,
+                                            sum_dy / ctx.count, sum_dy_xhat / ctx.count,
+                                            relu_output)
         if ctx.needs_input_grad[1]:
             grad_weight = local_sum_dy_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = local_sum_dy.to(ctx.bias_dtype)
         if ctx.has_residual and ctx.needs_input_grad[3]:
             grad_residual = relu_masked(grad_out, relu_output)
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
+
+
+_NO_RUNNING_STATS = RunningStats(None, None, None, 0.0)
+
+
+def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor) -> Tensor:
+    """update_running_stats for a batch of count values per channel; returns `finite`."""
+    if running.mean is None or running.var is None:
+        if running.num_batches_tracked is not None:
+            running.num_batches_tracked.add_(1)
+        return torch.isfinite(m2).all()
+    if not isinstance(count, Tensor):
+        count = torch.full((), count, dtype=m2.dtype, device=m2.device)  # no host-to-device copy
+    return update_running_stats(running.mean, running.var, running.num_batches_tracked, mean,
+                                m2, count, running.momentum)
 
 
 def batch_norm_train(
@@ -361,12 +363,18 @@ def batch_norm_train(
     residual: Tensor | None = None,
     relu: bool = False,
     sync: StatsSync | None = None,
+    running: RunningStats = _NO_RUNNING_STATS,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize with the batch's statistics. Returns (output, mean, m2, count) per channel.
+    """Normalize with the batch's statistics and update `running`'s buffers in place.
 
-    mean, m2 and count are what the running-statistics update needs (not differentiable).
+    Returns (output, mean, m2, finite): the batch's per-channel mean and M2 (not
+    differentiable) and whether they were finite (a 0-dim bool tensor; False: nothing updated).
     """
-    return _BatchNormTrain.apply(input, weight, bias, residual, eps, relu, sync)
+    return _BatchNormTrain.apply(input, weight, bias, residual, eps, relu, sync, running)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def batch_norm_eval(
@@ -379,7 +387,13 @@ def batch_norm_eval(
     residual: Tensor | None = None,
     relu: bool = False,
 ) -> Tensor:
-    """Normalize with given statistics (running estimates): one elementwise pass."""
-    acc = stat_dtype(input.dtype)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    return _runner(input).elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
+    """Normalize with given statistics (running estimates): one elementwise pass.
+
+    Without gradients to record this is the single op forward_eval; with them, elemt (which
+    has an autograd formula) on invstd computed here.
+    """
+    if _needs_grad(input, mean, var, weight, bias, residual):
+        acc = stat_dtype(input.dtype)
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        return elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
+    return forward_eval(input, mean, var, weight, bias, residual, relu, eps)

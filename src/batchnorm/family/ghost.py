@@ -2,13 +2,12 @@
 by one reshape, no loop over chunks.
 """
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm import nn, ops
+from batchnorm.layout import memory_format
 
 
 def ghost_chunk_sizes(batch: int, virtual_batch_size: int) -> list[int]:
@@ -55,7 +54,7 @@ def ghost_batch_norm(
             f"ghost batch norm expects more than 1 value per channel in every virtual batch when "
             f"training, got virtual batches of {sizes} samples of input size {tuple(input.size())}"
         )
-    layout = ops.memory_format(input)
+    layout = memory_format(input)
     C, spatial, v = input.shape[1], input.shape[2:], virtual_batch_size
     full = len(sizes) if sizes[-1] == v else len(sizes) - 1  # chunks of exactly v samples
 
@@ -67,64 +66,30 @@ def ghost_batch_norm(
         head = head.reshape(v, full * C, *spatial)
         w = None if weight is None else weight.repeat(full)  # grads sum back over the chunks
         b = None if bias is None else bias.repeat(full)
-        out, mean, m2, count = ops.batch_norm_train(head, w, b, eps)
+        out, mean, m2, _ = ops.batch_norm_train(head, w, b, eps)
         outputs.append(out.view(v, full, C, *spatial).transpose(0, 1).reshape(full * v, C,
                                                                             *spatial))
-        means.append(mean.view(full, C))
-        m2s.append(m2.view(full, C))
-        counts.append(count.expand(full))
+        means += list(mean.view(full, C))
+        m2s += list(m2.view(full, C))
+        counts += [v * per_sample] * full
     if full < len(sizes):  # the last chunk, v + remainder samples (or the whole, smaller batch)
         tail = input[full * v:].contiguous(memory_format=layout)
-        out, mean, m2, count = ops.batch_norm_train(tail, weight, bias, eps)
+        out, mean, m2, _ = ops.batch_norm_train(tail, weight, bias, eps)
         outputs.append(out)
-        means.append(mean.view(1, C))
-        m2s.append(m2.view(1, C))
-        counts.append(count.view(1))
+        means.append(mean)
+        m2s.append(m2)
+        counts.append(tail.shape[0] * per_sample)
     output = torch.cat(outputs).contiguous(memory_format=layout)
 
     if running_mean is not None and running_var is not None:
-        count = torch.cat(counts).view(-1, 1)
-        _update_running_stats_chunks(running_mean, running_var, torch.cat(means),
-                                     torch.cat(m2s) / (count - 1), momentum, num_batches_tracked)
+        # Once per chunk, in order: exactly batch norm applied to each chunk in turn. A chunk
+        # whose statistics are not finite is skipped, as plain batch norm skips such a batch.
+        running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+        for mean, m2, count in zip(means, m2s, counts, strict=True):
+            F.warn_if_skipped(ops.update_running(running, mean, m2, count))
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(len(sizes))
     return output
-
-
-@torch.no_grad()
-def _update_running_stats_chunks(running_mean: Tensor, running_var: Tensor, means: Tensor,
-                                 unbiased_vars: Tensor, momentum: float | None,
-                                 num_batches_tracked: Tensor | None) -> None:
-    """Apply the running-statistics update once per chunk (rows of means), in order, in closed form.
-
-    momentum m, K chunks: running_K = (1 - m)^K running_0 + sum_i m (1 - m)^(K-1-i) batch_i.
-    momentum None (cumulative average over n0 batches so far): (n0 running_0 + sum_i batch_i) /
-    (n0 + K). As functional._update_running_stats, unbiased variances go into running_var, and a
-    batch with non-finite statistics leaves the buffers (and num_batches_tracked) unchanged.
-    """
-    K, acc = means.shape[0], means.dtype
-    finite = torch.isfinite(means).all() & torch.isfinite(unbiased_vars).all()
-    old_mean, old_var = running_mean.to(acc), running_var.to(acc)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        seen = num_batches_tracked.to(acc)
-        new_mean = (seen * old_mean + means.sum(0)) / (seen + K)
-        new_var = (seen * old_var + unbiased_vars.sum(0)) / (seen + K)
-    else:
-        powers = torch.arange(K - 1, -1, -1, dtype=acc, device=means.device)  # K-1 ... 0
-        weights = (momentum * (1 - momentum) ** powers).view(K, 1)
-        keep = (1 - momentum) ** K
-        new_mean = keep * old_mean + (weights * means).sum(0)
-        new_var = keep * old_var + (weights * unbiased_vars).sum(0)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype) * K)
-    running_mean.copy_(torch.where(finite, new_mean, old_mean))
-    running_var.copy_(torch.where(finite, new_var, old_var))
-    if means.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(finite):
-        warnings.warn("ghost batch norm: this training batch has non-finite statistics; "
-                      "running_mean and running_var were left unchanged", RuntimeWarning,
-                      stacklevel=4)
 
 
 class _GhostBatchNorm(nn._BatchNorm):

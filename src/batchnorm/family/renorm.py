@@ -8,6 +8,7 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm import nn, ops
+from batchnorm.layout import memory_format
 
 
 def renorm_limits(step: Tensor | int, r_max: float, d_max: float, warmup_steps: int,
@@ -65,7 +66,7 @@ class _BatchRenormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise NotImplementedError("double backward through batch_renorm is not supported")
         input, mean, invstd, scale, r, d = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=ops.memory_format(input))
+        grad_out = grad_out.contiguous(memory_format=memory_format(input))
         sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, input, mean, invstd, None)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -115,13 +116,13 @@ def batch_renorm(
         raise ValueError(f"batch_renorm expects r_max >= 1 and d_max >= 0, got r_max={r_max} "
                          f"and d_max={d_max}")
     r_max, d_max = torch.as_tensor(r_max), torch.as_tensor(d_max)
-    layout = ops.memory_format(input)
+    layout = memory_format(input)
     input = input.contiguous(memory_format=layout)
     output, mean, m2 = _BatchRenormTrain.apply(input, weight, bias, running_mean, running_var,
                                                eps, r_max.to(input.device), d_max.to(input.device))
     count = torch.as_tensor(input.numel() // input.shape[1], dtype=m2.dtype, device=m2.device)
-    F._update_running_stats(running_mean, running_var, mean, m2, count, momentum,
-                            num_batches_tracked)
+    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+    F.warn_if_skipped(ops.update_running(running, mean, m2, count))
     return output
 
 

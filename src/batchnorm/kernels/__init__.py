@@ -1,15 +1,15 @@
-"""Kernel backends, one file each, chosen per call by device and dtype.
+"""Kernels per device for the batchnorm:: ops (ops.py defines the ops and calls register here).
 
-    cpu.py        numba, for CPU tensors of the dtypes in its DTYPES
-    triton.py     triton, for CUDA tensors of the dtypes in its DTYPES
-    composite.py  torch operations: the fallback for every other device and dtype, and the
-                  contract (semantics, layouts, dtypes) every backend implements
+    cpu/          C++ (at::vec, at::parallel_for on torch's thread pool), built at install time as
+                  the extension batchnorm.kernels.cpu._C; registered for the CPU dispatch key
+    triton.py     Triton, for CUDA tensors of the dtypes in its DTYPES (imported on first use)
+    composite.py  torch operations: the CompositeExplicitAutograd kernels, i.e. every device
+                  without kernels of its own (and CPU without the extension), and the contract
 
-A backend module defines the four functions of composite.py, `DTYPES` (a set of torch dtypes)
-and `available() -> bool` (False when it cannot run here, e.g. no GPU).
-
-`BATCHNORM_KERNELS=torch` in the environment, or `with kernels.use("torch"):`, forces the
-fallback (tests and benchmarks compare backends that way).
+`BATCHNORM_KERNELS=torch` in the environment leaves the native CPU kernels unregistered;
+`with kernels.use("torch"):` serves CPU and CUDA tensors with the composite for a while, and
+`with kernels.serving(device_type, module):` with any module holding the four primitives (tests
+and benchmarks compare backends that way).
 """
 
 import contextlib
@@ -21,55 +21,107 @@ import torch
 
 from batchnorm.kernels import composite
 
-_forced: str | None = os.environ.get("BATCHNORM_KERNELS") or None
-_loaded: dict[str, ModuleType | None] = {}
-
-# Which optional module serves which device type.
-_MODULE_FOR_DEVICE = {"cpu": "batchnorm.kernels.cpu", "cuda": "batchnorm.kernels.triton"}
-
-
-def _load(device_type: str) -> ModuleType | None:
-    """Import the device's backend once; None when it or its compiler is not installed."""
-    if device_type not in _loaded:
-        name = _MODULE_FOR_DEVICE.get(device_type)
-        module = None
-        if name is not None:
-            try:
-                module = importlib.import_module(name)
-            except ImportError as missing:  # numba / triton absent: the fallback serves
-                broken_here = (missing.name or "").startswith("batchnorm") and missing.name != name
-                if broken_here:  # a bug in our own imports must not pass for "not installed"
-                    raise
-                module = None
-            if module is not None and not module.available():
-                module = None
-        _loaded[device_type] = module
-    return _loaded[device_type]
+_FORCED = os.environ.get("BATCHNORM_KERNELS") or None
+PRIMITIVES = ("stats", "elemt", "backward_reduce", "backward_elemt")
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+_native_cpu = False
+_serving: dict[str, str] = {}  # device type -> backend name, while serving() is active
+_triton: ModuleType | None | bool = False  # False: not imported yet; None: not installed
 
 
-def backend_for(tensor: torch.Tensor) -> ModuleType:
-    """The backend that runs the ops for this tensor's device and dtype."""
-    if _forced == "torch":
-        return composite
-    module = _load(tensor.device.type)
-    if module is not None and tensor.dtype in module.DTYPES:
-        return module
-    return composite
+def register(lib: torch.library.Library, names: tuple[str, ...]) -> None:
+    """Register every device's kernels for the ops `names` of lib (called once, by ops.py)."""
+    global _native_cpu
+    for name in names:
+        lib.impl(name, getattr(composite, name), "CompositeExplicitAutograd")
+    for name in PRIMITIVES:
+        lib.impl(name, _cuda_kernel(name), "CUDA")
+    if _FORCED != "torch":
+        from batchnorm.kernels import cpu
+
+        _native_cpu = cpu.load()
+
+
+def _load_triton() -> ModuleType | None:
+    global _triton
+    if _triton is False:
+        try:
+            _triton = importlib.import_module("batchnorm.kernels.triton")
+        except ImportError as missing:  # triton absent: the composite serves
+            if (missing.name or "").startswith("batchnorm"):
+                raise  # a bug in our own imports must not pass for "not installed"
+            _triton = None
+        if _triton is not None and not _triton.available():
+            _triton = None
+    return _triton
+
+
+def _cuda_kernel(name: str):
+    """A CUDA kernel for primitive `name`: Triton's for its dtypes, else the composite's."""
+    def kernel(*args):
+        module = _load_triton()
+        dtype = args[0].dtype  # input, or grad_out (same dtype)
+        if module is None or dtype not in module.DTYPES:
+            module = composite
+        return getattr(module, name)(*args)
+    kernel.__name__ = f"{name}_cuda"
+    return kernel
+
+
+def native_cpu() -> bool:
+    """True when the C++ kernels serve CPU tensors."""
+    return _native_cpu
 
 
 def backend_name(tensor: torch.Tensor) -> str:
-    """'cpu', 'triton' or 'composite' (the torch fallback): which kernels this tensor would use."""
-    return backend_for(tensor).__name__.rsplit(".", 1)[-1]
+    """'cpu' (the C++ kernels), 'triton' or 'composite': what serves this tensor now."""
+    device = tensor.device.type
+    if device in _serving:
+        return _serving[device]
+    if device == "cpu" and _native_cpu:
+        return "cpu"
+    if device == "cuda" and _load_triton() is not None and tensor.dtype in _triton.DTYPES:
+        return "triton"
+    return "composite"
+
+
+@contextlib.contextmanager
+def serving(device_type: str, module: ModuleType, name: str | None = None):
+    """Serve device_type's tensors with module's four primitives (and the composite fused ops
+    on top of them) for the duration: a registration that is removed again on exit."""
+    if device_type not in _DISPATCH_KEY:
+        raise ValueError(f"kernels.serving expects one of {sorted(_DISPATCH_KEY)}, got "
+                         f"{device_type!r}")
+    lib = torch.library.Library("batchnorm", "IMPL")
+    key = _DISPATCH_KEY[device_type]
+    previous = _serving.get(device_type)
+    with contextlib.ExitStack() as stack:
+        import warnings
+
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+        for op in PRIMITIVES:
+            lib.impl(op, getattr(module, op), key)
+        for op in ("forward_train", "backward_train", "forward_eval", "update_running_stats"):
+            lib.impl(op, getattr(composite, op), key)
+    _serving[device_type] = name or module.__name__.rsplit(".", 1)[-1]
+    try:
+        yield
+    finally:
+        lib._destroy()
+        if previous is None:
+            _serving.pop(device_type, None)
+        else:
+            _serving[device_type] = previous
 
 
 @contextlib.contextmanager
 def use(name: str | None):
-    """Force a backend for the duration: 'torch' for the fallback, None for the default choice."""
-    global _forced
+    """'torch': serve CPU and CUDA tensors with the composite for the duration; None: as set up."""
     if name not in (None, "torch"):
         raise ValueError(f"kernels.use expects 'torch' or None, got {name!r}")
-    previous, _forced = _forced, name
-    try:
+    if name is None:
         yield
-    finally:
-        _forced = previous
+        return
+    with serving("cpu", composite), serving("cuda", composite):
+        yield

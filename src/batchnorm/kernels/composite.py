@@ -24,47 +24,17 @@ Conventions shared by all backends:
 - output, when given to the backward ops, is the forward output of a fused ReLU: the gradient
   is masked by output > 0 before anything else (the mask is recomputed, never saved).
 
-Optional, for a backend that can fuse the single-process training step (ops.py calls them in
-eager mode when no StatsSync is involved, and falls back to the four functions otherwise):
-
-    forward_train(input, weight, bias, residual, relu, eps) -> (output, mean, m2, invstd)
-        == mean, m2 = stats(input); invstd = rsqrt(m2 / count + eps);
-           output = elemt(input, mean, invstd, weight, bias, residual, relu)
-    backward_train(grad_out, input, mean, invstd, weight, output)
-        -> (grad_input, sum_dy, sum_dy_xhat)
-        == sum_dy, sum_dy_xhat = backward_reduce(grad_out, input, mean, invstd, output);
-           grad_input = backward_elemt(grad_out, input, mean, invstd, weight,
-                                       sum_dy / count, sum_dy_xhat / count, output)
-
-The point of fusing: the four functions each sweep the whole tensor (8 tensor-sized memory
-passes for a training step); a backend that keeps one channel's data in cache between the
-reduction and the elementwise pass needs 5.
+The fused ops (forward_train, backward_train, forward_eval, update_running_stats) are defined
+below by composing the four primitives through torch.ops.batchnorm, so that on a device whose
+primitives have kernels (CUDA: Triton) the composition runs on them; the CPU extension has its
+own fused kernels (one sweep per channel while its data are in cache: 5 tensor-sized memory
+passes per training step instead of the 8 of the four primitives).
 """
 
 import torch
 from torch import Tensor
 
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32 (fp16 sums overflow)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def channel_view(x: Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts a (C,) vector against x: (1, C, 1, ...)."""
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-def reduce_dims(x: Tensor) -> list[int]:
-    """Every axis but the channel axis."""
-    return [0, *range(2, x.dim())]
-
-
-def relu_masked(grad_out: Tensor, output: Tensor | None) -> Tensor:
-    """Gradient through a fused ReLU: zero where the output was clamped."""
-    if output is None:
-        return grad_out
-    return torch.where(output > 0, grad_out, torch.zeros_like(grad_out))
+from batchnorm.layout import channel_view, reduce_dims, relu_masked, stat_dtype
 
 
 def stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,3 +113,67 @@ def backward_elemt(
     out = torch.empty_like(input)
     out.copy_(dx)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused ops as compositions of the primitives (see ops.py for their contract)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward_train(input, weight, bias, residual, relu, eps, running_mean, running_var,
+                  num_batches_tracked, momentum):
+    """stats, invstd, elemt, then update_running_stats; returns (output, mean, m2, invstd, finite)."""
+    ops = torch.ops.batchnorm
+    mean, m2 = ops.stats(input)
+    count = input.numel() // input.shape[1]
+    invstd = torch.rsqrt(m2 / count + eps)  # the biased variance normalizes
+    output = ops.elemt(input, mean, invstd, weight, bias, residual, relu)
+    if running_mean is not None and running_var is not None:
+        counts = torch.full((), count, dtype=m2.dtype, device=m2.device)
+        finite = ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                          m2, counts, momentum)
+    else:
+        finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    return output, mean, m2, invstd, finite
+
+
+def backward_train(grad_out, input, mean, invstd, weight, output):
+    """backward_reduce, then backward_elemt with the means; returns (grad_input, sums)."""
+    ops = torch.ops.batchnorm
+    count = input.numel() // input.shape[1]
+    sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, input, mean, invstd, output)
+    grad_input = ops.backward_elemt(grad_out, input, mean, invstd, weight, sum_dy / count,
+                                    sum_dy_xhat / count, output)
+    return grad_input, sum_dy, sum_dy_xhat
+
+
+def forward_eval(input, running_mean, running_var, weight, bias, residual, relu, eps):
+    """elemt with the given statistics: invstd = 1 / sqrt(running_var + eps)."""
+    acc = stat_dtype(input.dtype)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    return torch.ops.batchnorm.elemt(input, running_mean.to(acc), invstd, weight, bias,
+                                     residual, relu)
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, m2, count,
+                         momentum):
+    """running <- running + factor * (batch - running), unless the batch is not finite.
+
+    Traceable and free of host synchronisation (GPUs, torch.compile): the skip is a
+    torch.where, the cumulative factor a tensor. running_var takes the unbiased m2 / (count - 1).
+    """
+    with torch.no_grad():
+        finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        if momentum is None:  # cumulative moving average: factor 1 / (batches seen)
+            factor = 1.0 / num_batches_tracked.clamp_min(1).to(mean.dtype)
+        else:
+            factor = momentum
+        unbiased_var = m2 / (count.to(m2.dtype) - 1)
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            current = running.to(batch.dtype)
+            running.copy_(torch.where(finite, current + factor * (batch - current), current))
+    return finite

@@ -1,0 +1,73 @@
+// The CPU kernels' interface: raw pointers and sizes, no tensors (ops.cpp does the tensor side).
+//
+// A dense (N, C, *) input is one of two row-major shapes (S = the spatial size):
+//   (N, C, S)  contiguous input with S > 1: a channel is N runs of S contiguous values
+//   (M, C)     channels-last input (M = N * S rows) and (N, C) / spatial-1x1 input:
+//              a row holds one value of every channel
+// Per-channel vectors (mean, invstd, weight, ...) are arrays of C values of Acc<T>: double for
+// double input, float for float, Half and BFloat16 (read and written natively, summed in float).
+// Statistics are summed in double whatever the input: a float32 square cannot overflow there.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace batchnorm::cpu {
+
+struct Layout {
+  int64_t N = 0, C = 0, S = 0;
+  bool rows = false;  // true: the (M, C) view, channels innermost; false: (N, C, S)
+  int64_t count() const { return N * S; }  // values per channel
+  int64_t rows_count() const { return N * S; }
+};
+
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using Acc = typename AccType<T>::type;
+
+// Per-channel mean and M2 = sum((x - mean)^2).
+template <typename T>
+void stats(const T* x, const Layout& L, Acc<T>* mean, Acc<T>* m2);
+
+// y = (x - mean) * scale + shift [+ residual] [ReLU]; scale = invstd * weight, shift = bias.
+template <typename T>
+void elemt(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* mean,
+           const Acc<T>* scale, const Acc<T>* shift, bool relu);
+
+// sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean)) * invstd; dy masked by output > 0 when
+// output is given (a fused ReLU's forward output).
+template <typename T>
+void backward_reduce(const T* dy, const T* x, const T* output, const Layout& L,
+                     const Acc<T>* mean, const Acc<T>* invstd, Acc<T>* sum_dy,
+                     Acc<T>* sum_dy_xhat);
+
+// dx = dy * k + c1 - (x - mean) * c2 per channel, dy masked as above; ops.cpp folds
+// (dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight into k, c1, c2.
+template <typename T>
+void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
+                    const Acc<T>* mean, const Acc<T>* k, const Acc<T>* c1, const Acc<T>* c2);
+
+// The fused training step: statistics, invstd = 1 / sqrt(m2 / count + eps), and the
+// normalize + affine (+ residual, ReLU) pass, channel block by channel block while it is in cache.
+// weight / bias may be null (1 and 0).
+template <typename T>
+void forward_train(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* weight,
+                   const Acc<T>* bias, bool relu, double eps, Acc<T>* mean, Acc<T>* m2,
+                   Acc<T>* invstd);
+
+// The fused backward: backward_reduce, then
+// dx = (dy - sum_dy / count - x_hat * sum_dy_xhat / count) * invstd * weight, in one sweep per
+// channel block while it is in cache.
+template <typename T>
+void backward_train(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
+                    const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* weight,
+                    Acc<T>* sum_dy, Acc<T>* sum_dy_xhat);
+
+// The CPU capability the kernels were compiled for ("AVX512", "AVX2" or "DEFAULT"), and whether
+// this processor can run them.
+const char* compiled_capability();
+bool capability_supported();
+
+}  // namespace batchnorm::cpu

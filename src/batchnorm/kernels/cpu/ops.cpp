@@ -1,0 +1,440 @@
+// The CPU implementations of the batchnorm:: ops (schemas: ops.py), on the kernels of
+// kernels.cpp, and the Python module that registers them for the CPU dispatch key.
+//
+// This file does the tensor side: argument checks (device, sizes), the two dense layouts the
+// kernels read (anything else is made contiguous first), outputs in the input's layout,
+// per-channel vectors in the statistics' precision, and the running-statistics update with its
+// NaN/Inf guard. Registration happens when Python calls register_kernels(), after checking that
+// this processor has the instructions the kernels were compiled for.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace batchnorm::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+at::ScalarType stat_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_on_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "batchnorm::", op, ": ", name, " is on ", t.device(),
+              ", expected cpu like the input: every tensor argument must be on the input's "
+              "device");
+}
+
+// The input in one of the two dense layouts of kernels.h, with its sizes.
+struct Dense {
+  Tensor t;
+  Layout L;
+};
+
+Dense dense(const Tensor& input, const char* op) {
+  check_on_cpu(input, op, "input");
+  TORCH_CHECK(input.dim() >= 2, "batchnorm::", op, ": expected an input of at least 2 "
+              "dimensions (N, C, *), got ", input.dim(), "D input of shape ", input.sizes());
+  const int64_t N = input.size(0), C = input.size(1);
+  const int64_t S = N * C == 0 ? 0 : input.numel() / (N * C);
+  Tensor x = input;
+  bool rows = S == 1;  // (N, C) and spatial 1x1: channels innermost when contiguous
+  if (!x.is_contiguous()) {
+    const bool channels_last =
+        (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+        (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+    if (channels_last) {
+      rows = true;
+    } else {
+      x = x.contiguous();
+    }
+  }
+  return {x, Layout{N, C, S, rows}};
+}
+
+// t with x's dtype, sizes and strides (a copy only when it differs).
+Tensor like(const Tensor& t, const Tensor& x, const char* op, const char* name) {
+  check_on_cpu(t, op, name);
+  TORCH_CHECK(t.sizes() == x.sizes(), "batchnorm::", op, ": ", name, " must have the input's "
+              "shape ", x.sizes(), ", got ", t.sizes());
+  if (t.scalar_type() == x.scalar_type() && t.strides() == x.strides()) return t;
+  Tensor out = at::empty_like(x);
+  out.copy_(t);
+  return out;
+}
+
+// A per-channel argument as C contiguous values of the statistics' type (undefined if absent).
+Tensor channel_vector(const OptTensor& t, int64_t C, at::ScalarType type, const char* op,
+                      const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  check_on_cpu(*t, op, name);
+  TORCH_CHECK(t->numel() == C, "batchnorm::", op, ": ", name, " must hold one value per "
+              "channel (", C, "), got shape ", t->sizes());
+  return t->to(type).contiguous().view({C});
+}
+
+template <typename A>
+const A* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+Tensor vector_of(int64_t C, const Tensor& like_input) {
+  return at::empty({C}, like_input.options().dtype(stat_type(like_input.scalar_type())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running statistics
+// ---------------------------------------------------------------------------------------------
+
+// buffer <- buffer + factor * (batch - buffer), computed in double, in the buffer's own memory.
+// The write bypasses autograd, so the version counter is bumped by hand: a backward pass that
+// saved the buffer (eval mode) must still notice the change.
+void lerp_into(Tensor& buffer, const std::vector<double>& batch, double factor) {
+  Tensor dense_buffer = buffer.is_contiguous() ? buffer : buffer.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(),
+                                  "batchnorm_running_stats", [&] {
+    scalar_t* values = dense_buffer.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < batch.size(); ++c) {
+      const double current = static_cast<double>(values[c]);
+      values[c] = static_cast<scalar_t>(current + factor * (batch[c] - current));
+    }
+  });
+  if (!dense_buffer.is_same(buffer)) buffer.copy_(dense_buffer);
+  buffer.unsafeGetTensorImpl()->bump_version();
+}
+
+void count_batch(const Tensor& num_batches_tracked) {
+  if (num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1 &&
+      num_batches_tracked.is_contiguous()) {
+    num_batches_tracked.mutable_data_ptr<int64_t>()[0] += 1;
+    num_batches_tracked.unsafeGetTensorImpl()->bump_version();
+  } else {
+    num_batches_tracked.add_(1);
+  }
+}
+
+// The one running-statistics update (plain, ghost and renorm batch norm, SyncBatchNorm): returns
+// whether the batch's statistics were finite. A batch with NaN or Inf in them leaves the buffers
+// and num_batches_tracked unchanged. running_var takes the unbiased m2 / (count - 1) although
+// the batch was normalized with the biased m2 / count (the paper's Algorithm 2, and torch).
+bool update_running(const OptTensor& running_mean, const OptTensor& running_var,
+                    const OptTensor& num_batches_tracked, const std::vector<double>& mean,
+                    const std::vector<double>& m2, double count, std::optional<double> momentum,
+                    const char* op) {
+  bool finite = true;
+  for (size_t c = 0; c < mean.size(); ++c) {
+    finite = finite && std::isfinite(mean[c]) && std::isfinite(m2[c]);
+  }
+  const bool has_buffers = running_mean.has_value() && running_mean->defined() &&
+                           running_var.has_value() && running_var->defined();
+  const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (!has_buffers) {
+    if (has_count) count_batch(*num_batches_tracked);  // as torch: counted whatever the values
+    return finite;
+  }
+  if (!finite) return false;
+  const int64_t C = static_cast<int64_t>(mean.size());
+  for (const auto* buffer : {&*running_mean, &*running_var}) {
+    check_on_cpu(*buffer, op, "a running statistic");
+    TORCH_CHECK(buffer->numel() == C, "batchnorm::", op, ": running statistics must hold one "
+                "value per channel (", C, "), got shape ", buffer->sizes());
+  }
+  TORCH_CHECK(momentum.has_value() || has_count, "batchnorm::", op, ": momentum=None (a "
+              "cumulative average) needs num_batches_tracked");
+  if (has_count) count_batch(*num_batches_tracked);
+  const double factor = momentum.has_value()
+      ? *momentum
+      : 1.0 / static_cast<double>(std::max<int64_t>(num_batches_tracked->item<int64_t>(), 1));
+  std::vector<double> unbiased(C);
+  for (int64_t c = 0; c < C; ++c) unbiased[c] = m2[c] / (count - 1);
+  Tensor rm = *running_mean, rv = *running_var;
+  lerp_into(rm, mean, factor);
+  lerp_into(rv, unbiased, factor);
+  return true;
+}
+
+std::vector<double> as_doubles(const Tensor& t) {
+  Tensor d = t.to(at::kDouble).contiguous();
+  const double* p = d.const_data_ptr<double>();
+  return std::vector<double>(p, p + d.numel());
+}
+
+Tensor bool_scalar(bool value) {
+  Tensor t = at::empty({}, at::TensorOptions().dtype(at::kBool));
+  t.mutable_data_ptr<bool>()[0] = value;
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> stats_cpu(const Tensor& input) {
+  const Dense d = dense(input, "stats");
+  Tensor mean = vector_of(d.L.C, input), m2 = vector_of(d.L.C, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_stats", [&] {
+    using A = Acc<scalar_t>;
+    stats<scalar_t>(d.t.const_data_ptr<scalar_t>(), d.L, mean.mutable_data_ptr<A>(),
+                    m2.mutable_data_ptr<A>());
+  });
+  return {mean, m2};
+}
+
+Tensor elemt_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd,
+                 const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+                 bool relu) {
+  const char* op = "elemt";
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const auto type = stat_type(input.scalar_type());
+  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
+  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
+  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
+  const Tensor bias_v = channel_vector(bias, C, type, op, "bias");
+  const Tensor res = residual.has_value() && residual->defined()
+      ? like(*residual, d.t, op, "residual") : Tensor();
+  Tensor y = at::empty_like(d.t);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_elemt", [&] {
+    using A = Acc<scalar_t>;
+    const A* m = mean_v.const_data_ptr<A>();
+    const A* is = invstd_v.const_data_ptr<A>();
+    const A* w = ptr_or_null<A>(weight_v);
+    const A* b = ptr_or_null<A>(bias_v);
+    std::vector<A> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w ? is[c] * w[c] : is[c];
+      shift[c] = b ? b[c] : A(0);
+    }
+    elemt<scalar_t>(d.t.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(res),
+                    y.mutable_data_ptr<scalar_t>(), d.L, m, scale.data(), shift.data(), relu);
+  });
+  return y;
+}
+
+Tensor forward_eval_cpu(const Tensor& input, const Tensor& running_mean,
+                        const Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& residual, bool relu, double eps) {
+  const char* op = "forward_eval";
+  const int64_t C = input.dim() >= 2 ? input.size(1) : 0;
+  const Tensor var = channel_vector(running_var, C, at::kDouble, op, "running_var");
+  Tensor invstd = at::empty({C}, input.options().dtype(at::kDouble));
+  const double* v = var.const_data_ptr<double>();
+  double* is = invstd.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) is[c] = 1.0 / std::sqrt(v[c] + eps);
+  return elemt_cpu(input, running_mean, invstd, weight, bias, residual, relu);
+}
+
+std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Tensor& input,
+                                               const Tensor& mean, const Tensor& invstd,
+                                               const OptTensor& output) {
+  const char* op = "backward_reduce";
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const auto type = stat_type(input.scalar_type());
+  const Tensor dy = like(grad_out, d.t, op, "grad_out");
+  const Tensor out = output.has_value() && output->defined()
+      ? like(*output, d.t, op, "output") : Tensor();
+  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
+  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
+  Tensor sum_dy = vector_of(C, input), sum_dy_xhat = vector_of(C, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_backward_reduce", [&] {
+    using A = Acc<scalar_t>;
+    if (d.L.count() == 0) {
+      sum_dy.zero_();
+      sum_dy_xhat.zero_();
+      return;
+    }
+    backward_reduce<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
+                              ptr_or_null<scalar_t>(out), d.L, mean_v.const_data_ptr<A>(),
+                              invstd_v.const_data_ptr<A>(), sum_dy.mutable_data_ptr<A>(),
+                              sum_dy_xhat.mutable_data_ptr<A>());
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                          const Tensor& invstd, const OptTensor& weight, const Tensor& mean_dy,
+                          const Tensor& mean_dy_xhat, const OptTensor& output) {
+  const char* op = "backward_elemt";
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const auto type = stat_type(input.scalar_type());
+  const Tensor dy = like(grad_out, d.t, op, "grad_out");
+  const Tensor out = output.has_value() && output->defined()
+      ? like(*output, d.t, op, "output") : Tensor();
+  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
+  const Tensor invstd_v = channel_vector(invstd, C, at::kDouble, op, "invstd");
+  const Tensor weight_v = channel_vector(weight, C, at::kDouble, op, "weight");
+  const Tensor mdy = channel_vector(mean_dy, C, at::kDouble, op, "mean_dy");
+  const Tensor mdx = channel_vector(mean_dy_xhat, C, at::kDouble, op, "mean_dy_xhat");
+  Tensor dx = at::empty_like(d.t);
+  if (dx.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_backward_elemt", [&] {
+    using A = Acc<scalar_t>;
+    const double* is = invstd_v.const_data_ptr<double>();
+    const double* w = ptr_or_null<double>(weight_v);
+    const double* m1 = mdy.const_data_ptr<double>();
+    const double* m2 = mdx.const_data_ptr<double>();
+    std::vector<A> k(C), c1(C), c2(C);
+    for (int64_t c = 0; c < C; ++c) {  // dx = dy k + c1 - (x - mean) c2
+      const double kc = is[c] * (w ? w[c] : 1.0);
+      k[c] = static_cast<A>(kc);
+      c1[c] = static_cast<A>(-kc * m1[c]);
+      c2[c] = static_cast<A>(kc * is[c] * m2[c]);
+    }
+    backward_elemt<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
+                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L,
+                             mean_v.const_data_ptr<A>(), k.data(), c1.data(), c2.data());
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cpu(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& residual, bool relu, double eps, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    std::optional<double> momentum) {
+  const char* op = "forward_train";
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const auto type = stat_type(input.scalar_type());
+  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
+  const Tensor bias_v = channel_vector(bias, C, type, op, "bias");
+  const Tensor res = residual.has_value() && residual->defined()
+      ? like(*residual, d.t, op, "residual") : Tensor();
+  TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
+  Tensor y = at::empty_like(d.t);
+  Tensor mean = vector_of(C, input), m2 = vector_of(C, input), invstd = vector_of(C, input);
+  std::vector<double> mean_d(C), m2_d(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_forward_train", [&] {
+    using A = Acc<scalar_t>;
+    forward_train<scalar_t>(d.t.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(res),
+                            y.mutable_data_ptr<scalar_t>(), d.L, ptr_or_null<A>(weight_v),
+                            ptr_or_null<A>(bias_v), relu, eps, mean.mutable_data_ptr<A>(),
+                            m2.mutable_data_ptr<A>(), invstd.mutable_data_ptr<A>());
+    const A* mp = mean.const_data_ptr<A>();
+    const A* qp = m2.const_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      mean_d[c] = static_cast<double>(mp[c]);
+      m2_d[c] = static_cast<double>(qp[c]);
+    }
+  });
+  const bool finite = update_running(running_mean, running_var, num_batches_tracked, mean_d,
+                                     m2_d, static_cast<double>(d.L.count()), momentum, op);
+  return {y, mean, m2, invstd, bool_scalar(finite)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_train_cpu(const Tensor& grad_out,
+                                                      const Tensor& input, const Tensor& mean,
+                                                      const Tensor& invstd,
+                                                      const OptTensor& weight,
+                                                      const OptTensor& output) {
+  const char* op = "backward_train";
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const auto type = stat_type(input.scalar_type());
+  const Tensor dy = like(grad_out, d.t, op, "grad_out");
+  const Tensor out = output.has_value() && output->defined()
+      ? like(*output, d.t, op, "output") : Tensor();
+  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
+  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
+  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
+  TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
+  Tensor dx = at::empty_like(d.t);
+  Tensor sum_dy = vector_of(C, input), sum_dy_xhat = vector_of(C, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "batchnorm_backward_train", [&] {
+    using A = Acc<scalar_t>;
+    backward_train<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
+                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L,
+                             mean_v.const_data_ptr<A>(), invstd_v.const_data_ptr<A>(),
+                             ptr_or_null<A>(weight_v), sum_dy.mutable_data_ptr<A>(),
+                             sum_dy_xhat.mutable_data_ptr<A>());
+  });
+  return {dx, sum_dy, sum_dy_xhat};
+}
+
+Tensor update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var,
+                                const OptTensor& num_batches_tracked, const Tensor& mean,
+                                const Tensor& m2, const Tensor& count,
+                                std::optional<double> momentum) {
+  const char* op = "update_running_stats";
+  for (const Tensor* t : {&mean, &m2, &count}) check_on_cpu(*t, op, "a batch statistic");
+  const bool finite = update_running(running_mean, running_var, num_batches_tracked,
+                                     as_doubles(mean), as_doubles(m2), count.item<double>(),
+                                     momentum, op);
+  return bool_scalar(finite);
+}
+
+std::unique_ptr<torch::Library> registration;
+
+bool register_kernels() {
+  if (!capability_supported()) return false;
+  if (registration) return true;
+  auto library = std::make_unique<torch::Library>(torch::Library::IMPL, "batchnorm",
+                                                  c10::DispatchKey::CPU, __FILE__, __LINE__);
+  library->impl("stats", TORCH_FN(stats_cpu));
+  library->impl("elemt", TORCH_FN(elemt_cpu));
+  library->impl("backward_reduce", TORCH_FN(backward_reduce_cpu));
+  library->impl("backward_elemt", TORCH_FN(backward_elemt_cpu));
+  library->impl("forward_train", TORCH_FN(forward_train_cpu));
+  library->impl("backward_train", TORCH_FN(backward_train_cpu));
+  library->impl("forward_eval", TORCH_FN(forward_eval_cpu));
+  library->impl("update_running_stats", TORCH_FN(update_running_stats_cpu));
+  registration = std::move(library);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Python module: batchnorm.kernels.cpu._C
+// ---------------------------------------------------------------------------------------------
+
+PyObject* py_register_kernels(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(register_kernels());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_compiled_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(compiled_capability());
+}
+
+PyMethodDef methods[] = {
+    {"register_kernels", py_register_kernels, METH_NOARGS,
+     "Register the CPU kernels for the batchnorm ops (defined first, in batchnorm.ops). Returns "
+     "False, registering nothing, when this processor lacks the instructions they were built "
+     "for."},
+    {"compiled_capability", py_compiled_capability, METH_NOARGS,
+     "The instruction set the kernels were compiled for: 'AVX512', 'AVX2' or 'DEFAULT'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                          "batchnorm's CPU kernels (C++, at::vec, at::parallel_for)", -1,
+                          methods};
+
+}  // namespace
+}  // namespace batchnorm::cpu
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&batchnorm::cpu::module_def); }

@@ -1,0 +1,38 @@
+"""Layout helpers every layer may use: the channel view, the reduced axes, the memory format, the
+statistics' dtype, and the gradient through a fused ReLU."""
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32 (fp16 sums overflow)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_view(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a (C,) vector against x: (1, C, 1, ...)."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every axis but the channel axis."""
+    return [0, *range(2, x.dim())]
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The dense layout x is in: channels_last(_3d) when x is stored that way, else contiguous."""
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    if (x.dim() == 5 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def relu_masked(grad_out: Tensor, output: Tensor | None) -> Tensor:
+    """Gradient through a fused ReLU: zero where the output was clamped."""
+    if output is None:
+        return grad_out
+    return torch.where(output > 0, grad_out, torch.zeros_like(grad_out))
