@@ -265,7 +265,9 @@ def run(args) -> int:
     if args.self_check:
         device, shapes, name = torch.device("cpu"), [((3, 5, 7), 2)], "cpu (self-check)"
         # CPU tensors on the Triton kernels (interpreted), as CUDA tensors are on a GPU
-        kernels._loaded["cpu"] = importlib.import_module("batchnorm.kernels.triton")
+        serving = kernels.serving("cpu", importlib.import_module("batchnorm.kernels.triton"),
+                                  "triton")
+        serving.__enter__()  # for the rest of this process (a dry run)
     else:
         device, shapes = torch.device("cuda"), QUICK if args.quick else RESNET50_BN
         name = torch.cuda.get_device_properties(device).name

@@ -295,17 +295,17 @@ def test_training_forward_backward_through_ops(monkeypatch):
     serving.DTYPES = triton_kernels.DTYPES
     for name in ("stats", "elemt", "backward_reduce", "backward_elemt"):
         setattr(serving, name, recorded(name))
-    monkeypatch.setattr(kernels, "_forced", None)
-    monkeypatch.setitem(kernels._loaded, DEVICE.type, serving)
-    x = _input((6, 3, 5, 4), "channels_last").requires_grad_()
-    residual = _input((6, 3, 5, 4), "channels_last", seed=2).requires_grad_()
-    weight, bias = (t.requires_grad_() for t in _params(3))
-    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
-    assert kernels.backend_name(x) == "triton"
-    y = functional.batch_norm(x, running_mean, running_var, weight, bias, training=True,
-                              residual=residual, relu=True)
-    grad = _input((6, 3, 5, 4), "channels_last", seed=4)
-    grads = torch.autograd.grad(y, (x, weight, bias, residual), grad)
+    with kernels.serving(DEVICE.type, serving, "triton"):
+        x = _input((6, 3, 5, 4), "channels_last").requires_grad_()
+        residual = _input((6, 3, 5, 4), "channels_last", seed=2).requires_grad_()
+        weight, bias = (t.requires_grad_() for t in _params(3))
+        running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        assert kernels.backend_name(x) == "triton"
+        y = functional.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                                  residual=residual, relu=True)
+        grad = _input((6, 3, 5, 4), "channels_last", seed=4)
+        grads = torch.autograd.grad(y, (x, weight, bias, residual), grad)
+
 
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     x64, w64, b64, r64 = leaves
@@ -375,7 +375,6 @@ def _load_gpu_bench():
 def test_gpu_bench_self_check_runs_and_verifies(monkeypatch, tmp_path, capsys):
     # The benchmark's dry run: CPU tensors on the interpreted kernels, ours vs torch.nn, JSON.
     gpu_bench = _load_gpu_bench()
-    monkeypatch.setitem(kernels._loaded, "cpu", kernels._loaded.get("cpu"))  # restored after
     out = tmp_path / "bench.json"
     code = gpu_bench.main(["--self-check", "--batch", "2", "--dtypes", "bfloat16", "--layouts",
                            "channels_last", "--modes", "bn_add_relu_fwd_bwd", "--providers",

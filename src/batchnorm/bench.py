@@ -186,16 +186,11 @@ def _machine() -> dict:
 
     from batchnorm.kernels import cpu
 
-    numba_version = "not installed"
-    if cpu.available():
-        import numba
-        numba_version = numba.__version__
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "numba": numba_version,
-        "numba_threading_layer": os.environ.get("NUMBA_THREADING_LAYER", "workqueue"),
+        "cpu_kernels": cpu.compiled_capability() or "not built",
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "transparent_hugepage": read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "loadavg_start": read("/proc/loadavg"),
@@ -236,8 +231,7 @@ def run(args: argparse.Namespace) -> int:
 
     machine = _machine()
     print(f"# batchnorm bench: {args.dtype}, ours on the '{backend}' kernels, "
-          f"torch {machine['torch']}, numba {machine['numba']} "
-          f"({machine['numba_threading_layer']}), THP_MEM_ALLOC_ENABLE="
+          f"torch {machine['torch']}, CPU kernels {machine['cpu_kernels']}, THP_MEM_ALLOC_ENABLE="
           f"{machine['THP_MEM_ALLOC_ENABLE']}, THP {machine['transparent_hugepage']}, "
           f"load {machine['loadavg_start']}")
     header = (f"{'shape':>20} {'layout':>8} {'mode':>14} {'thr':>3} "

@@ -87,6 +87,16 @@ def _vector(input: Tensor) -> Tensor:
     return input.new_empty(input.shape[1], dtype=stat_dtype(input.dtype))
 
 
+def _same_device(op: str, input: Tensor, *others: Tensor | None) -> None:
+    """The device kernels check their own arguments; a meta (or fake) input must not quietly
+    accept arguments from another device either (the dispatcher picks Meta for a mix)."""
+    for other in others:
+        if other is not None and other.device != input.device:
+            raise RuntimeError(f"batchnorm::{op}: a tensor argument is on {other.device}, "
+                               f"expected {input.device} like the input: every tensor argument "
+                               f"must be on the input's device")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor
 # ---------------------------------------------------------------------------------------------
@@ -99,38 +109,45 @@ def _(input):
 
 @torch.library.register_fake("batchnorm::elemt")
 def _(input, mean, invstd, weight, bias, residual, relu):
+    _same_device("elemt", input, mean, invstd, weight, bias, residual)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("batchnorm::backward_reduce")
 def _(grad_out, input, mean, invstd, output):
+    _same_device("backward_reduce", input, grad_out, mean, invstd, output)
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.register_fake("batchnorm::backward_elemt")
 def _(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
+    _same_device("backward_elemt", input, grad_out, mean, invstd, weight, mean_dy, mean_dy_xhat, output)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("batchnorm::forward_train")
 def _(input, weight, bias, residual, relu, eps, running_mean, running_var, num_batches_tracked,
       momentum):
+    _same_device("forward_train", input, weight, bias, residual, running_mean, running_var, num_batches_tracked)
     finite = input.new_empty((), dtype=torch.bool)
     return torch.empty_like(input), _vector(input), _vector(input), _vector(input), finite
 
 
 @torch.library.register_fake("batchnorm::backward_train")
 def _(grad_out, input, mean, invstd, weight, output):
+    _same_device("backward_train", input, grad_out, mean, invstd, weight, output)
     return torch.empty_like(input), torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.register_fake("batchnorm::forward_eval")
 def _(input, running_mean, running_var, weight, bias, residual, relu, eps):
+    _same_device("forward_eval", input, running_mean, running_var, weight, bias, residual)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("batchnorm::update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, mean, m2, count, momentum):
+    _same_device("update_running_stats", mean, running_mean, running_var, num_batches_tracked, m2, count)
     return mean.new_empty((), dtype=torch.bool)
 
 
