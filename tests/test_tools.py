@@ -19,9 +19,11 @@ TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10),
 
 # Redundant biases each zoo model must have (a test that cannot fail would count nothing).
 EXPECTED_STRIPPED = {"resnet_basic": 4, "resnet_bottleneck": 2, "vgg_bn": 4, "mobilenet_v2": 6,
-                     "densenet_block": 3, "unet_decoder": 4, "mlp": 2, "audio_1d": 2, "conv3d": 3}
+                     "densenet_block": 3, "unet_decoder": 4, "mlp": 2, "audio_1d": 2, "conv3d": 3,
+                     "densenet_concat": 3, "inception_block": 1, "sum_merge": 0}
 EXPECTED_FOLDED = {"resnet_basic": 4, "resnet_bottleneck": 8, "vgg_bn": 3, "mobilenet_v2": 7,
-                   "densenet_block": 3, "unet_decoder": 4, "mlp": 3, "audio_1d": 3, "conv3d": 3}
+                   "densenet_block": 3, "unet_decoder": 4, "mlp": 3, "audio_1d": 3, "conv3d": 3,
+                   "densenet_concat": 3, "inception_block": 1, "sum_merge": 1}
 
 
 def _cast(x, dtype):
