@@ -113,7 +113,8 @@ def analyse_biases(model: nn.Module, example_inputs: Any):
 def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, StripReport]:
     """A copy of model without the biases its batch norms cancel, and a report.
 
-    Each removed bias b (as the BN's channels see it, c) is subtracted from the BN's running_mean:
+    Each removed bias b (as the BN's channels see it, c) is subtracted from the BN's running_mean
+    (biases meeting in one BN, through a concatenation or a sum, subtract their summed c once):
     training-mode outputs are unchanged because batch statistics absorb any per-channel
     constant, eval-mode outputs because running_mean - c absorbs it, and later running-mean
     updates keep the offset (see weights.absorb_bias). The gradients of every remaining
@@ -121,11 +122,14 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
     """
     found, skipped = analyse_biases(model, example_inputs)
     stripped = copy.deepcopy(model)
+    arriving: dict[str, Tensor] = {}  # per BN, the sum of the constants its input loses
     for f in found:
-        layer, bn = stripped.get_submodule(f.layer), stripped.get_submodule(f.bn)
+        stripped.get_submodule(f.layer).bias = None
+        arriving[f.bn] = arriving.get(f.bn, 0) + f.channel_bias  # float64; several through add
+    for name, channel_bias in arriving.items():
+        bn = stripped.get_submodule(name)
         if bn.running_mean is not None:
-            bn.running_mean = absorb_bias(bn.running_mean, f.channel_bias)
-        layer.bias = None
+            bn.running_mean = absorb_bias(bn.running_mean, channel_bias)
     report = StripReport(found, skipped, sum(f.parameters for f in found),
                          max_output_difference(model, stripped, example_inputs),
                          max_output_difference(model, stripped, example_inputs, training=True))
