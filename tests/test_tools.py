@@ -111,6 +111,8 @@ def test_fold_keeps_eval_outputs_and_leaves_the_original_alone(name):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "the original's state changed"
+    training = [n for n, m in folded.named_modules() if m.training]
+    assert not training, f"modules of the eval-mode copy in training mode: {training}"
     remaining = [n for n, m in folded.named_modules() if isinstance(m, _BatchNorm)]
     assert len(remaining) == len(report.skipped), (remaining, report.skipped)
     assert report.parameters_after < report.parameters_before

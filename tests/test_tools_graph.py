@@ -195,6 +195,7 @@ def test_functional_batch_norm_is_folded():
     assert report.max_abs_diff < 1e-12
     assert set(folded.state_dict()) == {"conv.weight", "conv.bias"}
     assert "batch_norm" not in folded.code
+    assert not any(m.training for m in folded.modules())  # the GraphModule too
 
 
 def test_bn_without_running_stats_is_not_folded_but_its_bias_is_redundant():

@@ -221,9 +221,10 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
     BN and the layer is called once (a layer called twice would change its other call, the bug
     of pytorch#197539), else into the Conv/Linear after it when that is exact (no zero padding).
     Folded BN modules become Identity (nn.ReLU when they fused a ReLU, BNRemnant when they also
-    added a residual). F.batch_norm calls on stored tensors are folded too and removed from the
-    graph (pytorch#122070); then the result is a torch.fx.GraphModule, otherwise the model's own
-    class. The model passed in is left untouched.
+    added a residual); every module of the copy, these included, is in eval mode. F.batch_norm
+    calls on stored tensors are folded too and removed from the graph (pytorch#122070); then the
+    result is a torch.fx.GraphModule, otherwise the model's own class. The model passed in is
+    left untouched.
     """
     folded = copy.deepcopy(model).eval()
     traced = G.trace(folded, example_inputs)
@@ -263,6 +264,7 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
         _drop_unread_attributes(gm, erased_attributes)
         gm.recompile()
         result = gm
+    result.eval()  # the remnants (and a GraphModule) are new modules, built in training mode
     report = FoldReport(plans, skipped, max_output_difference(model, result, example_inputs),
                         _count_parameters(model), _count_parameters(result), _count_state(model),
                         _count_state(result), graph_changed)
