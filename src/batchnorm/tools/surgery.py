@@ -295,7 +295,9 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
     _, fold_report = fold_bn(model, example_inputs)
     fold_of = {p.bn: p for p in fold_report.folded}
     skip_of = dict(fold_report.skipped)
-    bias_of = {r.bn: r.layer for r in redundant}
+    bias_of: dict[str, list[str]] = {}
+    for r in redundant:  # several per BN when they meet it through cat / add
+        bias_of.setdefault(r.bn, []).append(r.layer)
     rows = []
     for node in traced.graph_module.graph.nodes:
         module = traced.module(node)
@@ -318,7 +320,7 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
                      "stats": stats, "batches": tracked,
                      "fold": f"{plan.direction} {plan.layer}" if plan else
                              f"no: {skip_of.get(name, '?')}",
-                     "redundant_bias": bias_of.get(name, "-")})
+                     "redundant_bias": ", ".join(bias_of.get(name, ["-"]))})
     return Inspection(rows, redundant, kept, fold_report.folded, fold_report.skipped,
                       fold_report.parameters_before, sum(r.parameters for r in redundant),
                       fold_report.parameters_before - fold_report.parameters_after,
