@@ -19,9 +19,11 @@ TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10),
 
 # Redundant biases each zoo model must have (a test that cannot fail would count nothing).
 EXPECTED_STRIPPED = {"resnet_basic": 4, "resnet_bottleneck": 2, "vgg_bn": 4, "mobilenet_v2": 6,
-                     "densenet_block": 3, "unet_decoder": 4, "mlp": 2, "audio_1d": 2, "conv3d": 3}
+                     "densenet_block": 3, "unet_decoder": 4, "mlp": 2, "audio_1d": 2, "conv3d": 3,
+                     "densenet_concat": 4, "inception_block": 4, "sum_merge": 5}
 EXPECTED_FOLDED = {"resnet_basic": 4, "resnet_bottleneck": 8, "vgg_bn": 3, "mobilenet_v2": 7,
-                   "densenet_block": 3, "unet_decoder": 4, "mlp": 3, "audio_1d": 3, "conv3d": 3}
+                   "densenet_block": 3, "unet_decoder": 4, "mlp": 3, "audio_1d": 3, "conv3d": 3,
+                   "densenet_concat": 3, "inception_block": 1, "sum_merge": 1}
 
 
 def _cast(x, dtype):
@@ -59,8 +61,10 @@ def test_strip_keeps_outputs_gradients_and_buffers_in_train_and_eval(name):
     assert report.max_abs_diff < 1e-10 and report.max_abs_diff_train < 1e-10
     original = copy.deepcopy(model)
     original.train(), stripped.train()
+    sgd_a = torch.optim.SGD(original.parameters(), lr=0.05)
+    sgd_b = torch.optim.SGD(stripped.parameters(), lr=0.05)
     weights = None
-    for step in range(3):  # training steps update running stats; gradients compared each step
+    for step in range(3):  # SGD steps update parameters and running stats; compared each step
         inputs_a = [t.requires_grad_() for t in _fresh_batch(x, step)]
         inputs_b = [t.detach().clone().requires_grad_() for t in inputs_a]
         torch.manual_seed(step)  # the same dropout masks for both
@@ -77,7 +81,14 @@ def test_strip_keeps_outputs_gradients_and_buffers_in_train_and_eval(name):
         params_a = dict(original.named_parameters())
         for pname, p in stripped.named_parameters():
             _assert_close(p.grad, params_a[pname].grad, dtype, f"grad of {pname}, step {step}")
-    shift = {f"{r.bn}.running_mean": r.channel_bias for r in report.removed}
+        for pname in removed:  # BN cancels it in training: no gradient, so SGD leaves it alone
+            _assert_close(params_a[pname].grad, torch.zeros_like(params_a[pname]), dtype,
+                          f"grad of the removed {pname}, step {step}")
+        sgd_a.step(), sgd_b.step()
+    shift = {}  # biases meeting one BN through cat / add: their constants add up
+    for r in report.removed:
+        key = f"{r.bn}.running_mean"
+        shift[key] = shift.get(key, 0) + r.channel_bias
     buffers_a = dict(original.named_buffers())
     for bname, b in stripped.named_buffers():
         expected = buffers_a[bname] - shift[bname] if bname in shift else buffers_a[bname]
@@ -100,6 +111,8 @@ def test_fold_keeps_eval_outputs_and_leaves_the_original_alone(name):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "the original's state changed"
+    training = [n for n, m in folded.named_modules() if m.training]
+    assert not training, f"modules of the eval-mode copy in training mode: {training}"
     remaining = [n for n, m in folded.named_modules() if isinstance(m, _BatchNorm)]
     assert len(remaining) == len(report.skipped), (remaining, report.skipped)
     assert report.parameters_after < report.parameters_before

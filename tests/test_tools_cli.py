@@ -29,6 +29,19 @@ def test_inspect_prints_the_bn_table_and_savings(capsys):
     assert "strip-bias saves 144" in out
 
 
+def test_inspect_shows_biases_found_through_cat_and_add(capsys):
+    assert main(["inspect", "tests.zoo:inception_block"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("bn "))
+    assert "branch1, branch3.3, branch_pool.1" in row
+    assert "redundant through cat: branch3.3.bias -> bn channels 4:10 of 16" in out
+    assert "biases kept: branch_relu.0: branch_relu.1 (ReLU)" in out
+    assert main(["inspect", "tests.zoo:sum_merge"]) == 0
+    out = capsys.readouterr().out
+    assert "redundant through sub, mul: right.bias -> diff_bn channels 0:8 of 8" in out
+    assert "5 redundant biases" in out and "strip-bias saves 40" in out
+
+
 def test_inspect_with_checkpoint_and_input_shape(tmp_path, capsys):
     model = model_only()
     with torch.no_grad():

@@ -195,6 +195,7 @@ def test_functional_batch_norm_is_folded():
     assert report.max_abs_diff < 1e-12
     assert set(folded.state_dict()) == {"conv.weight", "conv.bias"}
     assert "batch_norm" not in folded.code
+    assert not any(m.training for m in folded.modules())  # the GraphModule too
 
 
 def test_bn_without_running_stats_is_not_folded_but_its_bias_is_redundant():
@@ -289,3 +290,144 @@ def test_a_path_that_mixes_batch_samples_is_not_reported():
     model = Lambda(lambda s, x: s.bn(s.conv(x).reshape(x.size(0), 4, -1)),
                    conv=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm1d(4))
     assert _redundant(model)[0] == {"conv"}
+
+
+# ---- concatenation and sums: biases meeting one BN -------------------------------------------
+
+def _strip_exactly(model, x=X4, steps=3):
+    """Strip, then train both for a few SGD steps: outputs, input and parameter gradients equal in
+    training, and eval outputs equal afterwards. Returns the report."""
+    model = model.double()
+    stripped, report = strip_redundant_biases(model, x)
+    xs = x if isinstance(x, tuple) else (x,)
+    sgd_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd_b = torch.optim.SGD(stripped.parameters(), lr=0.1)
+    model.train(), stripped.train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        inputs_a = [(torch.randn(t.shape, generator=g, dtype=t.dtype) + step).requires_grad_()
+                    for t in xs]
+        inputs_b = [t.detach().clone().requires_grad_() for t in inputs_a]
+        out_a, out_b = model(*inputs_a), stripped(*inputs_b)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
+        weights = torch.randn(out_a.shape, generator=g, dtype=out_a.dtype)
+        sgd_a.zero_grad(), sgd_b.zero_grad()
+        (out_a * weights).sum().backward(), (out_b * weights).sum().backward()
+        for t_a, t_b in zip(inputs_a, inputs_b, strict=True):
+            torch.testing.assert_close(t_b.grad, t_a.grad, rtol=1e-10, atol=1e-10)
+        params_a = dict(model.named_parameters())
+        for name, p in stripped.named_parameters():
+            torch.testing.assert_close(p.grad, params_a[name].grad, rtol=1e-10, atol=1e-10)
+        sgd_a.step(), sgd_b.step()
+    model.eval(), stripped.eval()
+    torch.testing.assert_close(stripped(*xs), model(*xs), rtol=1e-10, atol=1e-10)
+    return report
+
+
+def test_channel_concatenation_maps_each_bias_onto_its_slice_of_bn_channels():
+    model = Lambda(lambda s, x: s.bn(torch.cat([s.a(x), s.pool(s.b(x))], dim=1)),
+                   a=nn.Conv2d(3, 4, 3, padding=1), b=nn.Conv2d(3, 2, 3, padding=1),
+                   pool=nn.MaxPool2d(3, 1, 1), bn=nn.BatchNorm2d(6)).double()
+    found = {f.layer: f for f in find_redundant_biases(traced_copy(model, X4, False))[0]}
+    assert set(found) == {"a", "b"}
+    zeros = torch.zeros(2, 4, dtype=torch.float64)
+    a_bias, b_bias = model.a.bias.detach(), model.b.bias.detach()
+    torch.testing.assert_close(found["a"].channel_bias, torch.cat([a_bias, zeros[0, :2]]))
+    torch.testing.assert_close(found["b"].channel_bias, torch.cat([zeros[0], b_bias]))
+    assert found["a"].channels == [0, 1, 2, 3] and found["b"].channels == [4, 5]
+    assert found["b"].joins == ["cat"]
+    report = _strip_exactly(model)
+    assert report.parameters_removed == 6
+
+
+def test_concatenation_of_linear_features_before_bn1d():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    model = Lambda(lambda s, x: s.bn(torch.cat((s.a(x), s.b(x)), 1)), a=nn.Linear(5, 3),
+                   b=nn.Linear(5, 4), bn=batchnorm.BatchNorm1d(7))
+    assert _redundant(model, x)[0] == {"a", "b"}
+    _strip_exactly(model, x)
+
+
+def test_concatenation_along_another_dim_is_not_per_channel():
+    model = Lambda(lambda s, x: s.bn(torch.cat([s.a(x), s.b(x)], dim=2)),
+                   a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "not a per-channel constant" in skipped["a"]
+
+
+def test_two_convs_summed_into_one_bn_lose_both_biases_and_running_mean_takes_the_sum():
+    model = Lambda(lambda s, x: s.bn(s.a(x) + s.b(x)), a=nn.Conv2d(3, 4, 3),
+                   b=nn.Conv2d(3, 4, 3, dilation=1), bn=nn.BatchNorm2d(4)).double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    stripped, report = strip_redundant_biases(model, X4)
+    assert {r.layer for r in report.removed} == {"a", "b"}
+    expected = model.bn.running_mean - model.a.bias - model.b.bias
+    torch.testing.assert_close(stripped.bn.running_mean, expected.detach())
+    _strip_exactly(model)
+
+
+def test_difference_negates_and_a_number_scales_the_constant():
+    model = Lambda(lambda s, x: s.bn((s.a(x) - s.b(x)) / 4 + 1.5), a=nn.Conv2d(3, 4, 3),
+                   b=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)).double()
+    found = {f.layer: f for f in find_redundant_biases(traced_copy(model, X4, False))[0]}
+    torch.testing.assert_close(found["a"].channel_bias, model.a.bias.detach() / 4)
+    torch.testing.assert_close(found["b"].channel_bias, -model.b.bias.detach() / 4)
+    _strip_exactly(model)
+    # the same with torch functions and methods: torch.sub(b, a).mul(-2), torch.neg
+    model = Lambda(lambda s, x: s.bn(torch.neg(torch.sub(s.b(x), s.a(x)).mul(-2))),
+                   a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4)).double()
+    found = {f.layer: f for f in find_redundant_biases(traced_copy(model, X4, False))[0]}
+    torch.testing.assert_close(found["a"].channel_bias, -2 * model.a.bias.detach())
+    torch.testing.assert_close(found["b"].channel_bias, 2 * model.b.bias.detach())
+    _strip_exactly(model)
+
+
+def test_only_the_provable_branch_of_a_sum_is_stripped():
+    model = Lambda(lambda s, x: s.bn(s.a(x) + F.relu(s.b(x))), a=nn.Conv2d(3, 4, 3),
+                   b=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == {"a"} and "does not commute" in skipped["b"]
+    report = _strip_exactly(model)
+    assert [r.layer for r in report.removed] == ["a"]
+
+
+def test_a_sum_with_the_residual_of_a_fused_bn_keeps_the_residual_branch():
+    model = Lambda(lambda s, x: s.bn(s.a(x) + s.b(x), s.c(x)), a=nn.Conv2d(3, 4, 3),
+                   b=nn.Conv2d(3, 4, 3), c=nn.Conv2d(3, 4, 3), bn=batchnorm.BatchNormAddReLU2d(4))
+    found, skipped = _redundant(model)
+    assert found == {"a", "b"} and "residual" in skipped["c"]
+    _strip_exactly(model)
+
+
+@pytest.mark.parametrize("forward, layer, why", [
+    # a second user of the biased output, in the join itself or elsewhere; a shared module
+    (lambda s, x: (lambda y: s.bn(s.a(x) + y) + y.sum())(s.b(x)), "b", "2 users"),
+    (lambda s, x: (lambda y: s.bn(y + F.relu(y)))(s.a(x)), "a", "2 users"),
+    (lambda s, x: (lambda y: s.bn8(torch.cat([y, y], 1)))(s.a(x)), "a", "more than once"),
+    (lambda s, x: s.bn8(torch.cat([s.a(x), s.a(x)], 1)), "a", "called 2 times"),
+    # zero padding after the join: padded positions do not carry the bias
+    (lambda s, x: s.bn(F.pad(s.a(x) + s.b(x), (1, 1, 1, 1))), "a", "not a per-channel constant"),
+    # factors that are not numbers in the code
+    (lambda s, x: s.bn(s.a(x) * s.scale), "a", "other than a number"),
+    (lambda s, x: s.bn(s.a(x) * x.size(0)), "a", "other than a number"),
+    (lambda s, x: s.bn(s.a(x) * s.b(x)), "a", "other than a number"),
+    (lambda s, x: s.bn(1 / s.a(x)), "a", "divides by"),
+    (lambda s, x: s.bn(torch.div(s.a(x), 2, rounding_mode="floor")), "a", "rounds"),
+])
+def test_joins_that_do_not_pass_the_constant_on(forward, layer, why):
+    model = Lambda(forward, a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(3, 4, 3),
+                   bn=nn.BatchNorm2d(4), bn8=nn.BatchNorm2d(8),
+                   scale=nn.Parameter(torch.rand(4, 1, 1) + 1))
+    found, skipped = _redundant(model)
+    assert layer not in found and why in skipped[layer], skipped
+
+
+def test_bias_meeting_two_bns_through_a_shared_sum_stays():
+    def forward(s, x):
+        y = s.a(x) + s.b(x)
+        return s.bn1(y) + s.bn2(y)  # y has two users: each BN would need its own correction
+    model = Lambda(forward, a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(3, 4, 3), bn1=nn.BatchNorm2d(4),
+                   bn2=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "2 users" in skipped["a"] and "2 users" in skipped["b"]

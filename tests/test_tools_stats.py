@@ -9,6 +9,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.tools import diagnose, recalibrate
+from tests.zoo import ZOO
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -84,17 +85,19 @@ def test_recalibrate_needs_batches():
 
 def test_diagnose_flags_stale_statistics_and_clears_recalibrated_ones():
     model = _net()
-    # never trained: running stats are the initial (0, 1) and num_batches_tracked is 0
+    # never trained: running stats are the initial (0, 1) and num_batches_tracked is 0. The
+    # statistics decide: layer 1's input happens to fit (0, 1) within the thresholds (mean
+    # 0.45 sd off, variance x1.47), layer 4's does not, and the zero counter is named as why
     report = diagnose(model, _batches())
-    assert [d.flagged for d in report.layers] == [True, True]
-    assert "never updated" in report.layers[0].why and "recalibrate" in report.summary
+    assert [d.flagged for d in report.layers] == [False, True]
+    assert report.layers[0].num_batches_tracked == 0 and report.layers[0].why == ""
+    assert report.layers[1].why.startswith("never updated") and "variance" in report.layers[1].why
+    assert "The first to run is 4:" in report.summary and "recalibrate" in report.summary
     assert [name for name, _ in report.not_checked] == ["7"]
     # recalibrated on one large batch, in eval mode each layer sees what it was calibrated on
-    # (up to running_var being the unbiased variance): nothing is flagged
+    # (up to running_var being the unbiased variance): nothing is flagged, the counter still 0
     data = _batches(sizes=(64,))
     recalibrate(model, data)
-    with torch.no_grad():
-        model[1].num_batches_tracked.fill_(100), model[4].num_batches_tracked.fill_(100)
     report = diagnose(model, data)
     assert not any(d.flagged for d in report.layers), report.table()
     assert report.layers[0].mean_shift < 1e-8 and "describe these batches" in report.summary
@@ -103,3 +106,39 @@ def test_diagnose_flags_stale_statistics_and_clears_recalibrated_ones():
     report = diagnose(model, _batches(sizes=(16,), shift=5.0))
     assert report.layers[0].flagged and "The first to run is 1:" in report.summary
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet_concat", "inception_block",
+                                  "sum_merge", "mlp"])
+def test_recalibrate_then_diagnose_on_the_same_batches_is_healthy(name):
+    # a model never trained (num_batches_tracked 0 everywhere) with stale running statistics
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    model = model.double()
+    xs = x if isinstance(x, tuple) else (x,)
+    g = torch.Generator().manual_seed(3)
+    batches = [tuple(torch.randn(16, *t.shape[1:], generator=g, dtype=torch.float64) * 3 + 2
+                     for t in xs) for _ in range(4)]
+    before = diagnose(model, batches)
+    assert any(d.flagged for d in before.layers) and "recalibrate" in before.summary
+    recalibrate(model, batches)
+    after = diagnose(model, batches)
+    assert all(d.num_batches_tracked == 0 for d in after.layers)
+    assert not any(d.flagged for d in after.layers), after.table()
+    assert "describe these batches" in after.summary and "recalibrate" not in after.summary
+
+
+def test_a_zero_counter_alone_does_not_flag_a_layer():
+    # statistics that fit (set by hand, as weights converted from elsewhere come) with the
+    # counter at 0: healthy; the same counter with statistics that do not fit: named as the cause
+    model = nn.Sequential(nn.BatchNorm2d(3)).double()
+    data = _batches(sizes=(32,))
+    flat = data[0].transpose(0, 1).reshape(3, -1)
+    with torch.no_grad():
+        model[0].running_mean.copy_(flat.mean(1)), model[0].running_var.copy_(flat.var(1))
+    assert int(model[0].num_batches_tracked) == 0
+    assert not diagnose(model, data).layers[0].flagged
+    with torch.no_grad():
+        model[0].running_mean.add_(5.0)
+    layer = diagnose(model, data).layers[0]
+    assert layer.flagged and layer.why.startswith("never updated") and "mean off" in layer.why

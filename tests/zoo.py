@@ -118,11 +118,11 @@ def mobilenet_v2():
 class DenseLayer(nn.Module):
     """DenseNet-BC layer: BN-ReLU-conv1x1-BN-ReLU-conv3x3 on the concatenation of all before."""
 
-    def __init__(self, c_in: int, growth: int) -> None:
+    def __init__(self, c_in: int, growth: int, bias: bool = False) -> None:
         super().__init__()
         self.norm1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, 4 * growth, 1, bias=True)
         self.norm2 = batchnorm.BatchNorm2d(4 * growth)
-        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=bias)
 
     def forward(self, features):
         x = torch.cat(features, 1)
@@ -131,9 +131,14 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.Module):
-    def __init__(self, c_in: int = 8, growth: int = 4, layers: int = 3) -> None:
+    """bias=True gives each layer's 3x3 conv a bias: the last layer's reaches only the
+    transition's BN, through the concatenation; every earlier one is read by several later
+    concatenations (several users) and stays."""
+
+    def __init__(self, c_in: int = 8, growth: int = 4, layers: int = 3, bias: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DenseLayer(c_in + i * growth, growth) for i in range(layers))
+        self.layers = nn.ModuleList(DenseLayer(c_in + i * growth, growth, bias)
+                                    for i in range(layers))
         c_out = c_in + layers * growth
         self.transition = nn.Sequential(nn.BatchNorm2d(c_out), nn.ReLU(),
                                         nn.Conv2d(c_out, c_out // 2, 1, bias=False),
@@ -148,6 +153,64 @@ class DenseBlock(nn.Module):
 
 def densenet_block():
     return _randomize_bn(DenseBlock()), torch.randn(4, 8, 8, 8)
+
+
+def densenet_concat():
+    return _randomize_bn(DenseBlock(bias=True)), torch.randn(4, 8, 8, 8)
+
+
+class InceptionBlock(nn.Module):
+    """Inception-style block: four parallel branches concatenated on channels, then one fused
+    BN + ReLU over all 16 channels. Branches: 1x1; 1x1 -> BN -> ReLU -> 3x3; 3x3 max pool -> 1x1;
+    1x1 -> ReLU (the one bias the BN does not cancel)."""
+
+    def __init__(self, c_in: int = 8) -> None:
+        super().__init__()
+        self.branch1 = nn.Conv2d(c_in, 4, 1, bias=True)
+        self.branch3 = nn.Sequential(nn.Conv2d(c_in, 4, 1, bias=True), nn.BatchNorm2d(4),
+                                     nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, bias=True))
+        self.branch_pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(c_in, 4, 1, bias=True))
+        self.branch_relu = nn.Sequential(nn.Conv2d(c_in, 2, 1, bias=True), nn.ReLU())
+        self.bn = batchnorm.BatchNormReLU2d(16)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        branches = [self.branch1(x), self.branch3(x), self.branch_pool(x), self.branch_relu(x)]
+        return self.head(self.bn(torch.cat(branches, dim=1)))
+
+
+def inception_block():
+    return _randomize_bn(InceptionBlock()), torch.randn(4, 8, 8, 8)
+
+
+class SumMerge(nn.Module):
+    """Convolutions summed before one BN: an FPN merge (lateral 1x1 conv + upsampled 1x1 conv of
+    the coarser level), a scaled difference of two 3x3 convs, and a sum in which one branch
+    passes a ReLU (only the other branch's bias is redundant); a 1x1 head the last BN folds into."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.lateral = nn.Conv2d(c, c, 1, bias=True)
+        self.top = nn.Conv2d(2 * c, c, 1, bias=True)
+        self.merge_bn = nn.BatchNorm2d(c)
+        self.left = nn.Conv2d(c, c, 3, padding=1, bias=True)
+        self.right = nn.Conv2d(c, c, 3, padding=1, bias=True)
+        self.diff_bn = batchnorm.BatchNorm2d(c)
+        self.linear_branch = nn.Conv2d(c, c, 1, bias=True)
+        self.relu_branch = nn.Conv2d(c, c, 1, bias=True)
+        self.mixed_bn = nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x, coarse):
+        top = F.interpolate(self.top(coarse), scale_factor=2, mode="nearest")
+        y = F.relu(self.merge_bn(self.lateral(x) + top))
+        y = F.relu(self.diff_bn((self.left(y) - self.right(y)) * 0.5))
+        y = self.mixed_bn(self.linear_branch(y) + F.relu(self.relu_branch(y)))
+        return self.head(y)
+
+
+def sum_merge():
+    return _randomize_bn(SumMerge()), (torch.randn(4, 8, 8, 8), torch.randn(4, 16, 4, 4))
 
 
 class UNetDecoder(nn.Module):
@@ -205,4 +268,5 @@ def conv3d():
 
 
 ZOO = {f.__name__: f for f in (resnet_basic, resnet_bottleneck, vgg_bn, mobilenet_v2,
-                               densenet_block, unet_decoder, mlp, audio_1d, conv3d)}
+                               densenet_block, unet_decoder, mlp, audio_1d, conv3d,
+                               densenet_concat, inception_block, sum_merge)}

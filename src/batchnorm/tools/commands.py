@@ -69,6 +69,17 @@ def load_model(spec: str, checkpoint: str | None, input_shape: str | None) -> tu
     return model, example
 
 
+def _slices(channels: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0:3, 5:7' (half-open, as Python slices)."""
+    runs: list[list[int]] = []
+    for c in channels:
+        if runs and c == runs[-1][1]:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return ", ".join(f"{a}:{b}" for a, b in runs)
+
+
 def format_inspection(inspection) -> str:
     columns = [("bn", "BN layer"), ("type", "type"), ("channels", "C"), ("stats", "eval stats"),
                ("batches", "tracked"), ("redundant_bias", "bias it cancels"), ("fold", "fold")]
@@ -89,6 +100,9 @@ def format_inspection(inspection) -> str:
         f"({100 * inspection.parameters_saved_by_fold / max(p, 1):.2f}%) and "
         f"{inspection.state_saved_by_fold} state_dict numbers",
     ]
+    lines += [f"redundant through {', '.join(r.joins)}: {r.layer}.bias -> {r.bn} channels "
+              f"{_slices(r.channels)} of {r.channel_bias.numel()}"
+              for r in inspection.redundant if r.joins]
     lines += [f"biases kept: {layer}: {why}" for layer, why in inspection.kept_biases]
     return "\n".join(lines)
 

@@ -15,12 +15,20 @@ running_mean (in running statistics). Two kinds of operations qualify:
     max-like         max(x + K) = max(x) + K only when K is constant over the window: max pools
                      and amax, checked on K before passing K' = op(K)
 
+    joins            op(x + K, y) = op(x, y) + K' with K' = op(K, 0) - op(0, 0) for every other
+                     operand y: channel concatenation (cat), add and sub (a - b brings b's
+                     constant in negated), neg, and multiplication or division by a number
+                     written in the code (the constant arrives scaled). The other operands are
+                     independent of K (every node on the path has one value user), so each bias
+                     is proven on its own, and the constants of several biases meeting in a sum
+                     add up: removing all of them moves their sum into running_mean.
+
 ReLU, dropout with p > 0 (in training a random mask multiplies the shift; exact in eval is not
-enough, since stripping must keep training outputs too), multiplications by other tensors and
-anything not listed stop the walk. K is a generic probe (random values per channel), so a bias
-that is zero by chance does not make a zero-padded path look redundant. A second probe labels
-the batch samples: a path that mixes samples (a sum over the batch) would bring the bias in
-scaled by the batch size, and is not reported.
+enough, since stripping must keep training outputs too), multiplications by other tensors (or by
+numbers the graph computes, like a size) and anything not listed stop the walk. K is a generic
+probe (random values per channel), so a bias that is zero by chance does not make a zero-padded
+path look redundant. A second probe labels the batch samples: a path that mixes samples (a sum
+over the batch) would bring the bias in scaled by the batch size, and is not reported.
 """
 
 import builtins
@@ -60,6 +68,16 @@ _MAX_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AdaptiveMa
                 nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
 _MAX_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.adaptive_max_pool1d: 1,
                   F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
+# Several tensor operands, jointly linear: the other operands are set to zero to carry K.
+_JOIN_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, operator.add, operator.sub,
+                   torch.add, torch.sub, torch.subtract, operator.neg, torch.neg}
+_JOIN_METHODS = {"add", "sub", "subtract", "neg"}
+# x * number, number * x, x / number: K arrives scaled by the number.
+_SCALE_FUNCTIONS = {operator.mul, torch.mul, torch.multiply, operator.truediv, torch.div,
+                    torch.divide, torch.true_divide}
+_SCALE_METHODS = {"mul", "multiply", "div", "divide", "true_divide"}
+_DIVISIONS = {operator.truediv, torch.div, torch.divide, torch.true_divide, "div", "divide",
+              "true_divide"}
 _SHAPE_METHODS = {"size", "dim"}  # users that read only the shape, not the values
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 
@@ -244,6 +262,8 @@ class RedundantBias:
     through: list[str]
     channel_bias: Tensor  # (C,) float64, the actual bias as BN's input channels see it
     parameters: int
+    channels: list[int] = dataclasses.field(default_factory=list)  # BN channels it reaches
+    joins: list[str] = dataclasses.field(default_factory=list)  # cat / add / sub ... passed
 
 
 def _constant_except(field: Tensor, keep: set[int]) -> bool:
@@ -255,8 +275,11 @@ def _constant_except(field: Tensor, keep: set[int]) -> bool:
     return bool((spread <= 1e-9 * (1 + field.abs().amax())).all())
 
 
-def _concrete(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor):
-    """node's args and kwargs with `chain` replaced by field and other nodes by recorded values."""
+def _concrete(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor,
+              zero_others: bool = False):
+    """node's args and kwargs with `chain` replaced by field and other nodes by recorded values;
+    other tensors are zeros when zero_others (a join's other operands), else the call is refused
+    (None, None): their values were not kept."""
     bad = []
 
     def value(n: fx.Node):
@@ -264,6 +287,8 @@ def _concrete(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor):
             return field
         v = traced.values.get(n)
         if isinstance(v, _TensorRecord):
+            if zero_others:
+                return torch.zeros(v.shape, dtype=torch.float64)
             bad.append(n.name)
         return v
 
@@ -271,8 +296,9 @@ def _concrete(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor):
     return (None, None) if bad else (args, kwargs)
 
 
-def _apply(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> Tensor | None:
-    args, kwargs = _concrete(traced, node, chain, field)
+def _apply(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor,
+           zero_others: bool = False) -> Tensor | None:
+    args, kwargs = _concrete(traced, node, chain, field, zero_others)
     if args is None:
         return None
     if node.op == "call_module":
@@ -283,7 +309,8 @@ def _apply(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> Tens
 
 
 def _commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
-    """('affine', 0), ('max', pooled trailing dims) or (None, 0) for a node on the bias's path."""
+    """('affine', 0), ('join', 0), ('scale', 0), ('max', pooled trailing dims) or (None, 0) for
+    a node on the bias's path."""
     if node.op == "call_module":
         module = traced.module(node)
         if isinstance(module, nn.Dropout) or type(module) in (nn.Dropout1d, nn.Dropout2d,
@@ -301,13 +328,53 @@ def _commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
             return "max", _MAX_FUNCTIONS[node.target]
         if node.target is torch.amax:
             return "max", -1
+        if node.target in _JOIN_FUNCTIONS:
+            return "join", 0
+        if node.target in _SCALE_FUNCTIONS:
+            return "scale", 0
         return None, 0
     if node.op == "call_method":
         if node.target in _AFFINE_METHODS:
             return "affine", 0
+        if node.target in _JOIN_METHODS:
+            return "join", 0
+        if node.target in _SCALE_METHODS:
+            return "scale", 0
         if node.target == "amax":
             return "max", -1
     return None, 0
+
+
+def _operand_reason(traced: Traced, node: fx.Node, chain: fx.Node, kind: str) -> str | None:
+    """Why node does not pass chain's constant on as a join or a scaling, or None when it does.
+
+    cat: chain is one of the concatenated tensors. add / sub / neg: chain is an operand and
+    nothing else in the call is a traced value (alpha, say). mul / div: chain times (or over) a
+    number written in the code; a number the graph computes (x.size(0)) could change with the
+    batch, and a tensor factor would make the constant vary with that tensor.
+    """
+    where = f"{traced.name(node)} reads {traced.name(chain)}"
+    if node.target in (torch.cat, torch.concat, torch.concatenate):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not (isinstance(tensors, (list, tuple)) and any(t is chain for t in tensors)):
+            return f"{where} other than as one of the tensors it concatenates"
+        return None
+    operands = list(node.args[:2]) + [node.kwargs.get(k) for k in ("input", "other")]
+    rest = list(node.args[2:]) + [v for k, v in node.kwargs.items() if k not in ("input", "other")]
+    if not any(o is chain for o in operands):
+        return f"{where} other than as an operand"
+    if any(isinstance(v, fx.Node) for v in rest):
+        return f"{traced.name(node)} takes a traced value besides its operands"
+    if kind == "join":
+        return None
+    if node.kwargs.get("rounding_mode") is not None:
+        return f"{traced.name(node)} rounds"
+    others = [o for o in operands if o is not chain and o is not None]
+    if len(others) != 1 or isinstance(others[0], bool) or not isinstance(others[0], (int, float)):
+        return f"{traced.name(node)} multiplies by something other than a number in the code"
+    if node.target in _DIVISIONS and node.args[0] is not chain:
+        return f"{traced.name(node)} divides by {traced.name(chain)}"
+    return None
 
 
 def _amax_dims(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> list[int]:
@@ -324,9 +391,10 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
     fields are tensors shaped like start's output, each carried through every op as the bias is
     (the op's affine part, or the op itself for max-like ops): "probe" (decides structure),
     "actual" (the real bias), and "samples" / "ones" (track which batch samples each position
-    draws from). Returns (bn node, names passed through, fields at the BN) or a reason string.
+    draws from). Returns (bn node, names passed through, the joins among them, fields at the BN)
+    or a reason string.
     """
-    node, through = start, []
+    node, through, joins = start, [], []
     while True:
         users = value_users(node)
         if len(users) != 1:
@@ -339,14 +407,19 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
         if is_bn_module_call(traced, user):
             if bn_input(user) is not node:
                 return f"reaches {traced.name(user)} through its residual input, not its input"
-            return user, through, fields
+            return user, through, joins, fields
         if user.op == "call_function" and user.target is F.batch_norm:
             return "reaches a functional batch_norm; strip-bias handles BN modules only"
         kind, pooled = _commuting_kind(traced, user)
         if kind is None:
             return (f"{traced.name(user)} lies between and does not commute with adding a "
                     f"per-channel constant")
-        if not (user.args and user.args[0] is node):
+        if kind in ("join", "scale"):
+            reason = _operand_reason(traced, user, node, kind)
+            if reason is not None:
+                return reason
+            joins.append(traced.name(user))
+        elif not (user.args and user.args[0] is node):
             return f"{traced.name(user)} reads {traced.name(node)} other than as its input"
         if _has_hooks(traced.module(user)):
             return f"{traced.name(user)} has forward hooks, which the graph does not show"
@@ -358,9 +431,10 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
             if not all(_constant_except(f, others) for f in fields.values()):
                 return f"{traced.name(user)} takes a max over a window where the bias varies"
             new = {k: _apply(traced, user, node, f) for k, f in fields.items()}
-        else:  # the affine part: op(f) - op(0)
-            zero = _apply(traced, user, node, torch.zeros_like(probe))
-            new = {k: _apply(traced, user, node, f) for k, f in fields.items()}
+        else:  # the affine part: op(f, 0) - op(0, 0), a join's other operands set to zero
+            joined = kind != "affine"
+            zero = _apply(traced, user, node, torch.zeros_like(probe), joined)
+            new = {k: _apply(traced, user, node, f, joined) for k, f in fields.items()}
             if isinstance(zero, Tensor):
                 new = {k: f - zero for k, f in new.items()}
         if not all(isinstance(f, Tensor) for f in new.values()):
@@ -448,7 +522,7 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
         if isinstance(walked, str):
             skipped.append((str(node.target), walked))
             continue
-        bn_node, through, fields = walked
+        bn_node, through, joins, fields = walked
         probe, actual = fields["probe"], fields["actual"]
         reason = _bn_shared_reason(traced, bn_node, owners)
         if reason is None and not _per_sample(fields, labels):
@@ -464,7 +538,10 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
             continue
         dims = [d for d in range(actual.dim()) if d != 1]
         channel_bias = actual.mean(dims) if dims else actual
-        found.append(RedundantBias(str(node.target), str(bn_node.target), through, channel_bias, c))
+        channel_probe = (probe.mean(dims) if dims else probe).abs()
+        reached = (channel_probe > 1e-12 * channel_probe.amax()).nonzero().flatten().tolist()
+        found.append(RedundantBias(str(node.target), str(bn_node.target), through, channel_bias, c,
+                                   reached, joins))
     return found, skipped
 
 

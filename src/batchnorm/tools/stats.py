@@ -109,6 +109,13 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> RecalibrationReport
     running_var the unbiased variance of its input pooled over all samples of all batches.
     Parameters, momentum, num_batches_tracked, every other buffer and every module's
     training flag are left as they were. A batch is a tensor, a tuple (model(*batch)) or a dict.
+
+    num_batches_tracked is kept because it counts training steps, and with momentum=None the
+    next training step weights its batch 1 / (num_batches_tracked + 1) against the running
+    statistics (at 0 that step replaces them, as it would have without recalibrating);
+    inventing a count for the pooled statistics would change that weighting.
+    diagnose judges the recalibrated statistics by their values, so a model recalibrated on
+    batches is reported healthy on them even when it was never trained.
     """
     pooled, n_batches = _pool_bn_inputs(model, batches, training=True)
     layers, samples, skipped = [], {}, []
@@ -170,8 +177,12 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, mean_threshold: float 
 
     A layer is flagged when some channel's data mean lies more than mean_threshold running
     standard deviations from running_mean, or its data variance is more than
-    var_ratio_threshold times larger or smaller than running_var, or it was never updated
-    (num_batches_tracked == 0). The model's state and modes are left as they were.
+    var_ratio_threshold times larger or smaller than running_var. The statistics alone decide:
+    num_batches_tracked == 0 is named as the likely cause of a flagged layer ("never updated"),
+    but does not flag one whose statistics fit, since the counter says how the statistics were
+    made, not whether they are right: recalibrate sets them without counting batches, and
+    weights converted from other frameworks come with the counter at 0. The model's state and
+    modes are left as they were.
     """
     pooled, _ = _pool_bn_inputs(model, batches, training=False)
     modules = dict(model.named_modules())
@@ -191,13 +202,13 @@ def diagnose(model: nn.Module, batches: Iterable[Any], *, mean_threshold: float 
         log_ratio = ratio.log().abs()
         c_shift, c_ratio = int(shift.argmax()), int(log_ratio.argmax())
         tracked = None if m.num_batches_tracked is None else int(m.num_batches_tracked)
-        reasons = []
-        if tracked == 0:
-            reasons.append("never updated (num_batches_tracked = 0)")
+        reasons = []  # the statistics alone decide; the counter only explains (see docstring)
         if shift[c_shift] > mean_threshold:
             reasons.append(f"mean off by {float(shift[c_shift]):.3g} sd in channel {c_shift}")
         if log_ratio[c_ratio] > math.log(var_ratio_threshold):
             reasons.append(f"variance x{float(ratio[c_ratio]):.3g} in channel {c_ratio}")
+        if reasons and tracked == 0:
+            reasons.insert(0, "never updated (num_batches_tracked = 0)")
         layers.append(LayerDiagnosis(name, m.num_features, tracked, float(shift[c_shift]),
                                      c_shift, float(ratio[c_ratio]), c_ratio, bool(reasons),
                                      "; ".join(reasons)))

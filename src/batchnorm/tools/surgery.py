@@ -113,7 +113,8 @@ def analyse_biases(model: nn.Module, example_inputs: Any):
 def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, StripReport]:
     """A copy of model without the biases its batch norms cancel, and a report.
 
-    Each removed bias b (as the BN's channels see it, c) is subtracted from the BN's running_mean:
+    Each removed bias b (as the BN's channels see it, c) is subtracted from the BN's running_mean
+    (biases meeting in one BN, through a concatenation or a sum, subtract their summed c once):
     training-mode outputs are unchanged because batch statistics absorb any per-channel
     constant, eval-mode outputs because running_mean - c absorbs it, and later running-mean
     updates keep the offset (see weights.absorb_bias). The gradients of every remaining
@@ -121,11 +122,14 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
     """
     found, skipped = analyse_biases(model, example_inputs)
     stripped = copy.deepcopy(model)
+    arriving: dict[str, Tensor] = {}  # per BN, the sum of the constants its input loses
     for f in found:
-        layer, bn = stripped.get_submodule(f.layer), stripped.get_submodule(f.bn)
+        stripped.get_submodule(f.layer).bias = None
+        arriving[f.bn] = arriving.get(f.bn, 0) + f.channel_bias  # float64; several through add
+    for name, channel_bias in arriving.items():
+        bn = stripped.get_submodule(name)
         if bn.running_mean is not None:
-            bn.running_mean = absorb_bias(bn.running_mean, f.channel_bias)
-        layer.bias = None
+            bn.running_mean = absorb_bias(bn.running_mean, channel_bias)
     report = StripReport(found, skipped, sum(f.parameters for f in found),
                          max_output_difference(model, stripped, example_inputs),
                          max_output_difference(model, stripped, example_inputs, training=True))
@@ -217,9 +221,10 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
     BN and the layer is called once (a layer called twice would change its other call, the bug
     of pytorch#197539), else into the Conv/Linear after it when that is exact (no zero padding).
     Folded BN modules become Identity (nn.ReLU when they fused a ReLU, BNRemnant when they also
-    added a residual). F.batch_norm calls on stored tensors are folded too and removed from the
-    graph (pytorch#122070); then the result is a torch.fx.GraphModule, otherwise the model's own
-    class. The model passed in is left untouched.
+    added a residual); every module of the copy, these included, is in eval mode. F.batch_norm
+    calls on stored tensors are folded too and removed from the graph (pytorch#122070); then the
+    result is a torch.fx.GraphModule, otherwise the model's own class. The model passed in is
+    left untouched.
     """
     folded = copy.deepcopy(model).eval()
     traced = G.trace(folded, example_inputs)
@@ -259,6 +264,7 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
         _drop_unread_attributes(gm, erased_attributes)
         gm.recompile()
         result = gm
+    result.eval()  # the remnants (and a GraphModule) are new modules, built in training mode
     report = FoldReport(plans, skipped, max_output_difference(model, result, example_inputs),
                         _count_parameters(model), _count_parameters(result), _count_state(model),
                         _count_state(result), graph_changed)
@@ -289,7 +295,9 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
     _, fold_report = fold_bn(model, example_inputs)
     fold_of = {p.bn: p for p in fold_report.folded}
     skip_of = dict(fold_report.skipped)
-    bias_of = {r.bn: r.layer for r in redundant}
+    bias_of: dict[str, list[str]] = {}
+    for r in redundant:  # several per BN when they meet it through cat / add
+        bias_of.setdefault(r.bn, []).append(r.layer)
     rows = []
     for node in traced.graph_module.graph.nodes:
         module = traced.module(node)
@@ -312,7 +320,7 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
                      "stats": stats, "batches": tracked,
                      "fold": f"{plan.direction} {plan.layer}" if plan else
                              f"no: {skip_of.get(name, '?')}",
-                     "redundant_bias": bias_of.get(name, "-")})
+                     "redundant_bias": ", ".join(bias_of.get(name, ["-"]))})
     return Inspection(rows, redundant, kept, fold_report.folded, fold_report.skipped,
                       fold_report.parameters_before, sum(r.parameters for r in redundant),
                       fold_report.parameters_before - fold_report.parameters_after,
