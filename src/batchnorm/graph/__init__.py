@@ -115,7 +115,7 @@ def channel_values(array: np.ndarray, channel: int) -> list[float]:
 
 
 def _cell(array, channel: int) -> str:
-    return "  ".join(f"{format_number(v):>9}" for v in channel_values(array, channel))
+    return " ".join(f"{format_number(v):>8}" for v in channel_values(array, channel))
 
 
 def format_table(result: Evaluation, channel: int) -> str:
