@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from batchnorm import cli, graph, reference
-from batchnorm.graph import Settings, build, format_table, stages
+from batchnorm.graph import Settings, build, checks, format_table, stages
 from batchnorm.graph.draw import LAYOUTS, draw
 
 VIEWS = ("train", "bias", "eval")
@@ -208,8 +208,8 @@ def test_a_wrong_stage_backward_is_caught_before_drawing(tmp_path, monkeypatch, 
                       if n.name == "sq" else n for n in good.nodes)      # d(xmu^2) is 2 xmu
         return dataclasses.replace(good, nodes=nodes)
 
-    with pytest.raises(stages.GraphCheckError, match="dL/dxmu"):
-        stages.evaluate(broken_graph(), build(Settings()).inputs, build(Settings()).target)
+    with pytest.raises(checks.GraphCheckError, match="dL/dxmu"):
+        checks.evaluate(broken_graph(), build(Settings()).inputs, build(Settings()).target)
     monkeypatch.setitem(graph.VIEWS, "train", broken_graph)
     assert cli.main(["graph", "--out", str(tmp_path)]) == 1
     assert "nothing drawn" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """`batchnorm graph`: batch norm's computation graph, drawn with the numbers of a real input.
 
     stages.py   the graphs (Algorithm 1 stage by stage as reference.train_forward; with a bias
-                before BN; Algorithm 2), their staged forward and backward, and the checks
-                against batchnorm.reference and torch autograd
+                before BN; Algorithm 2) and their staged forward and backward
+    checks.py   every value and gradient against batchnorm.reference and torch autograd
     draw.py     the picture: one box per node, arrows for the data flow (matplotlib)
 
 A small batch x of shape (N, C) goes through the graph; L = 1/2 sum((y - t)^2) with a fixed target
@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchnorm.graph.checks import GraphCheckError, evaluate
 from batchnorm.graph.stages import (
     Evaluation,
-    GraphCheckError,
     bias_graph,
     eval_graph,
-    evaluate,
     population_statistics,
     train_graph,
 )

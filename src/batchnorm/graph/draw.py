@@ -272,7 +272,7 @@ def draw(result: Evaluation, channel: int, paths) -> Drawing:
             edges.append((source, node.name, start, end, rad))
 
     figure.canvas.draw()
-    inch = figure.dpi_scale_trans.inverted()
+    renderer, inch = figure.canvas.get_renderer(), figure.dpi_scale_trans.inverted()
     extents = [tuple(artist.get_window_extent(renderer).transformed(inch).extents)
                for artist in texts]
     paths = [str(p) for p in paths]
