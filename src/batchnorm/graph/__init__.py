@@ -158,7 +158,8 @@ def _closed_form_line(result: Evaluation) -> str:
                 "  the same per-channel affine map, sample by sample (no closed form needed)")
     return ("dx at node x: the closed form (reference.backward_closed_form) gives the same dx,\n"
             "  dx = gamma * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat)),\n"
-            "  from the two sums alone: it never forms the gradients of stages 1-8")
+            "  from two per-channel sums and the forward's x_hat and invstd: it never forms\n"
+            "  the gradients of stages 1-8")
 
 
 def describe(result: Evaluation, settings: Settings) -> str:
