@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "paper": ("batchnorm.paper", "reproduce Figure 1 of the batch-norm paper (MNIST)"),
     "claims": ("batchnorm.claims", "check the study note's claims about batch norm numerically"),
     "bench": ("batchnorm.bench", "benchmark ours against torch.nn and torch.compile"),
+    "graph": ("batchnorm.graph", "draw batch norm's computation graph with a real input's numbers"),
     "inspect": ("batchnorm.tools.commands", "list a model's BN layers, redundant biases, folds"),
     "fold": ("batchnorm.tools.commands", "fold eval-mode BN into neighbouring layers"),
     "strip-bias": ("batchnorm.tools.commands", "remove conv/linear biases that BN cancels"),
