@@ -56,7 +56,7 @@ def _extensions():
     except ImportError:  # no torch at build time (an isolated build): pure Python
         return [], {}
     capability = _capability()
-    flags = ["-O3", "-g0", "-fvisibility=hidden", f"-DCPU_CAPABILITY={capability}"]
+    flags = ["-O3", "-g0", "-fvisibility=hidden", "-Wno-maybe-uninitialized", f"-DCPU_CAPABILITY={capability}"]
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")
     flags += CAPABILITY_FLAGS[capability]

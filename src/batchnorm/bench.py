@@ -5,9 +5,17 @@ interleaved round by round, and the median of all repetitions kept. Before timin
 outputs and gradients are compared with torch.nn eager's: a wrong kernel reports WRONG, never a
 speedup (and the command exits 1).
 
-Roofline: the bytes a mode must move (train forward reads x twice, for the statistics and for the
-normalization, and writes y; see BYTES_PER_ELEMENT) over the copy bandwidth measured in the same
-run (`dst.copy_(src)` of the same size). "x roofline" is time / that bound.
+Roofline: the one-sweep limit, the bytes a mode must move at the least (forward: read x, write
+y; backward: read x and dy, write dx; a fused ReLU's backward also reads y; see
+BYTES_PER_ELEMENT) over the copy bandwidth measured in the same run (`dst.copy_(src)` of the same
+size). "x roofline" is time / that bound.
+
+Spread: each provider's median per round; "spread" is (slowest - fastest round) / median for
+ours and torch, and a row whose spread exceeds NOISY_SPREAD is marked "noisy": its ratios are not
+to be relied on (a loaded machine).
+
+`--e2e`: training steps (forward, backward, SGD) of whole models, converted vs torch.nn, and the
+share of the step that torch.nn's batch norm takes (the step with BN replaced by an identity).
 """
 
 import argparse
@@ -27,10 +35,10 @@ RESNET50 = [(16, 64, 112, 112), (16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 2
 SHAPES = RESNET50 + [(256, 1024), (16, 256, 2000)]
 QUICK_SHAPES = [(16, 64, 56, 56), (16, 256, 14, 14), (256, 1024)]
 MODES = ["train-fwd", "train-fwd-bwd", "eval-fwd", "relu-fwd-bwd"]
-# Bytes per element that must cross memory, in units of the input size: reads and writes of
-# full-size tensors. train fwd: x (stats), x + y (normalize). backward: dy + x (reduce),
-# dy + x + dx (elementwise); a fused ReLU adds the output y to both backward passes.
-BYTES_PER_ELEMENT = {"train-fwd": 3, "train-fwd-bwd": 8, "eval-fwd": 2, "relu-fwd-bwd": 10}
+# The one-sweep limit in units of the input size: each full-size tensor read or written once.
+# forward: x, y. backward: x, dy, dx; the fused ReLU's backward reads y for its mask.
+BYTES_PER_ELEMENT = {"train-fwd": 2, "train-fwd-bwd": 5, "eval-fwd": 2, "relu-fwd-bwd": 6}
+NOISY_SPREAD = 0.15
 TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-8, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -53,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (default 5, --quick 3)")
     parser.add_argument("--out", default=None, help="write results to this .json or .csv file")
+    parser.add_argument("--e2e", action="store_true",
+                        help="whole-model training steps instead of single layers: a small CNN "
+                             "(3x32x32, batch 32) and a ResNet-18-shaped model (112x112, "
+                             "batch 16), converted vs torch.nn, with BN's share of the step")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -69,7 +81,7 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _median_ms(fn: Callable[[], object], repeat: int) -> list[float]:
+def _times_ms(fn: Callable[[], object], repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -147,13 +159,17 @@ def _run_case(shape, layout, mode, providers, dtype, repeat, rounds, copy_ms):
         correct[name] = all(_close(g, r, tol)
                             for g, r, tol in zip(got, reference, tols[:len(got)], strict=True))
     times = {name: [] for name in names}
+    round_medians = {name: [] for name in names}
     for _ in range(rounds):
         for name, fn in cases.items():
-            times[name] += _median_ms(fn, repeat)
+            this_round = _times_ms(fn, repeat)
+            times[name] += this_round
+            round_medians[name].append(statistics.median(this_round))
     row_ms = {name: statistics.median(t) for name, t in times.items()}
+    spread = {name: (max(r) - min(r)) / statistics.median(r) for name, r in round_medians.items()}
     size = x.numel() * x.element_size()
     bound_ms = copy_ms * BYTES_PER_ELEMENT[mode] / 2  # a copy moves 2 x size
-    return row_ms, correct, bound_ms, size
+    return row_ms, correct, bound_ms, size, spread
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
@@ -173,7 +189,7 @@ def _copy_ms(numel: int, dtype, repeat: int) -> float:
     src = torch.randn(numel, dtype=dtype)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    return statistics.median(_median_ms(lambda: dst.copy_(src), max(repeat * 3, 9)))
+    return statistics.median(_times_ms(lambda: dst.copy_(src), max(repeat * 3, 9)))
 
 
 def _machine() -> dict:
@@ -209,6 +225,9 @@ def _allow_recompiles() -> None:
 def run(args: argparse.Namespace) -> int:
     from batchnorm import kernels
 
+    if args.e2e:
+        return run_e2e(args)
+
     shapes = _parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick
                                                              else SHAPES)
     providers = (args.providers or ("ours,torch" if args.quick else "ours,torch,compile"))
@@ -236,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
           f"load {machine['loadavg_start']}")
     header = (f"{'shape':>20} {'layout':>8} {'mode':>14} {'thr':>3} "
               + " ".join(f"{n + ' ms':>12}" for n in _all_names(providers))
-              + f" {'vs torch':>8} {'vs compile':>10} {'vs unfused':>10} {'x roofline':>10}")
+              + f" {'vs torch':>8} {'vs compile':>10} {'vs unfused':>10} {'x roofline':>10}"
+              + f" {'spread':>6}")
     print(header)
     rows, wrong = [], False
     saved_threads = torch.get_num_threads()
@@ -249,10 +269,10 @@ def run(args: argparse.Namespace) -> int:
                     if layout == "channels_last" and len(shape) not in (4, 5):
                         continue
                     for mode in modes:
-                        ms, correct, bound_ms, size = _run_case(shape, layout, mode, providers,
-                                                                dtype, repeat, rounds, copy_ms)
+                        ms, correct, bound_ms, size, spread = _run_case(
+                            shape, layout, mode, providers, dtype, repeat, rounds, copy_ms)
                         row = _row(shape, layout, mode, n_threads, ms, correct, bound_ms, size,
-                                   copy_ms)
+                                   copy_ms, spread)
                         wrong |= not all(correct.values())
                         rows.append(row)
                         print(_format(row, providers), flush=True)
@@ -275,9 +295,11 @@ def _all_names(providers):
     return names
 
 
-def _row(shape, layout, mode, n_threads, ms, correct, bound_ms, size, copy_ms) -> dict:
+def _row(shape, layout, mode, n_threads, ms, correct, bound_ms, size, copy_ms, spread) -> dict:
     row = {"shape": "x".join(map(str, shape)), "layout": layout, "mode": mode,
            "threads": n_threads, "bytes": size, "copy_ms": copy_ms, "roofline_ms": bound_ms}
+    row["spread"] = max(spread.get("ours", 0.0), spread.get("torch", 0.0))
+    row["noisy"] = row["spread"] > NOISY_SPREAD
     for name, value in ms.items():
         row[f"{name}_ms"] = value
         row[f"{name}_correct"] = correct[name]
@@ -307,7 +329,8 @@ def _format(row: dict, providers) -> str:
     return (f"{row['shape']:>20} {row['layout'][:8]:>8} {row['mode']:>14} {row['threads']:>3} "
             + " ".join(cells) + f" {ratio('speedup_vs_torch', 8)} "
             f"{ratio('speedup_vs_compile', 10)} {ratio('speedup_vs_unfused', 10)} "
-            f"{ratio('x_roofline', 10)}")
+            f"{ratio('x_roofline', 10)} {row['spread']:>6.0%}"
+            + (" noisy" if row["noisy"] else ""))
 
 
 def _write(path: str, rows: list[dict], machine: dict) -> None:
@@ -323,3 +346,142 @@ def _write(path: str, rows: list[dict], machine: dict) -> None:
         return
     with open(path, "w") as f:
         json.dump({"machine": machine, "rows": rows}, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: the rows a user decides by
+# ---------------------------------------------------------------------------------------------
+
+
+def small_cnn() -> torch.nn.Module:
+    """Three conv + BN + ReLU stages on 3x32x32 input (CIFAR-sized), pooled, one linear layer."""
+    nn = torch.nn
+    layers, channels = [], [3, 32, 64, 128]
+    for i, (c_in, c_out) in enumerate(zip(channels, channels[1:], strict=False)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                   nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+class _BasicBlock(torch.nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                      nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet18(classes: int = 10) -> torch.nn.Module:
+    """ResNet-18's layout (He et al. 2016): a 7x7 stem, four stages of two basic blocks."""
+    nn = torch.nn
+    blocks, c_in = [], 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        blocks += [_BasicBlock(c_in, c_out, stride), _BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(512, classes))
+
+
+E2E_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)), "resnet18": (resnet18, (16, 3, 112, 112))}
+
+
+def _without_bn(model: torch.nn.Module) -> torch.nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, torch.nn.Identity())
+        else:
+            _without_bn(child)
+    return model
+
+
+def _train_step(model, x, target, optimizer):
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    import copy
+
+    import batchnorm
+
+    threads = [int(t) for t in args.threads.split(",")]
+    layouts = [lay.strip() for lay in args.layouts.split(",")]
+    rounds, repeat = args.rounds or 5, args.repeat or (2 if args.quick else 3)
+    machine = _machine()
+    print(f"# batchnorm bench --e2e: float32 training steps (forward, backward, SGD), "
+          f"torch {machine['torch']}, CPU kernels {machine['cpu_kernels']}, "
+          f"THP_MEM_ALLOC_ENABLE={machine['THP_MEM_ALLOC_ENABLE']}, "
+          f"load {machine['loadavg_start']}")
+    print(f"{'model':>10} {'layout':>8} {'thr':>3} {'torch.nn ms':>12} {'ours ms':>10} "
+          f"{'no-BN ms':>10} {'vs torch':>8} {'BN share':>8} {'spread':>6}")
+    rows, wrong = [], False
+    saved_threads = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for name, (factory, shape) in E2E_MODELS.items():
+                for layout in layouts:
+                    torch.manual_seed(0)
+                    reference = factory()
+                    fmt = (torch.channels_last if layout == "channels_last"
+                           else torch.contiguous_format)
+                    reference = reference.to(memory_format=fmt)
+                    models = {"torch": reference,
+                              "ours": batchnorm.convert(copy.deepcopy(reference)),
+                              "no-bn": _without_bn(copy.deepcopy(reference))}
+                    x = torch.randn(shape).contiguous(memory_format=fmt)
+                    target = torch.randint(0, 10, (shape[0],))
+                    optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01)
+                                  for k, m in models.items()}
+                    # one step each from the same weights: ours must match torch.nn first
+                    losses = {k: float(_train_step(m, x, target, optimizers[k]).detach())
+                              for k, m in models.items() if k != "no-bn"}
+                    ok = abs(losses["ours"] - losses["torch"]) <= 1e-4 * max(1.0, abs(
+                        losses["torch"]))
+                    grads_ok = all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(
+                        models["ours"].parameters(), models["torch"].parameters(), strict=True))
+                    wrong |= not (ok and grads_ok)
+                    round_ms = {k: [] for k in models}
+                    for _ in range(rounds):
+                        for k, m in models.items():
+                            round_ms[k].append(statistics.median(_times_ms(
+                                lambda m=m, o=optimizers[k], x=x, t=target: _train_step(m, x, t, o),
+                                repeat)))
+                    ms = {k: statistics.median(v) for k, v in round_ms.items()}
+                    spread = max((max(v) - min(v)) / statistics.median(v)
+                                 for k, v in round_ms.items() if k != "no-bn")
+                    row = {"model": name, "input": "x".join(map(str, shape)), "layout": layout,
+                           "threads": n_threads, "torch_ms": ms["torch"], "ours_ms": ms["ours"],
+                           "no_bn_ms": ms["no-bn"], "speedup_vs_torch": ms["torch"] / ms["ours"],
+                           "bn_share_torch": 1 - ms["no-bn"] / ms["torch"], "spread": spread,
+                           "noisy": spread > NOISY_SPREAD, "correct": ok and grads_ok}
+                    rows.append(row)
+                    print(f"{name:>10} {layout[:8]:>8} {n_threads:>3} {ms['torch']:>12.2f} "
+                          f"{ms['ours']:>10.2f} {ms['no-bn']:>10.2f} "
+                          f"{row['speedup_vs_torch']:>8.2f} {row['bn_share_torch']:>8.0%} "
+                          f"{spread:>6.0%}" + (" noisy" if row["noisy"] else "")
+                          + ("" if row["correct"] else " WRONG"), flush=True)
+    finally:
+        torch.set_num_threads(saved_threads)
+    machine["loadavg_end"] = _machine()["loadavg_start"]
+    if args.out:
+        _write(args.out, rows, machine)
+        print(f"# wrote {args.out}")
+    if wrong:
+        print("# WRONG: a converted model's step differs from torch.nn's")
+    return 1 if wrong else 0

@@ -103,7 +103,7 @@ def _batch_norm(
 def warn_if_skipped(finite: Tensor) -> None:
     """The RuntimeWarning for a training batch whose statistics were not finite (CPU only:
     reading the flag elsewhere would cost a host synchronisation every step)."""
-    if finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite:
+    if finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item():
         warnings.warn(
             "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
             "input); running_mean and running_var were left unchanged",

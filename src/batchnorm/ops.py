@@ -121,14 +121,16 @@ def _(grad_out, input, mean, invstd, output):
 
 @torch.library.register_fake("batchnorm::backward_elemt")
 def _(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xhat, output):
-    _same_device("backward_elemt", input, grad_out, mean, invstd, weight, mean_dy, mean_dy_xhat, output)
+    _same_device("backward_elemt", input, grad_out,
+                 mean, invstd, weight, mean_dy, mean_dy_xhat, output)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("batchnorm::forward_train")
 def _(input, weight, bias, residual, relu, eps, running_mean, running_var, num_batches_tracked,
       momentum):
-    _same_device("forward_train", input, weight, bias, residual, running_mean, running_var, num_batches_tracked)
+    _same_device("forward_train", input, weight,
+                 bias, residual, running_mean, running_var, num_batches_tracked)
     finite = input.new_empty((), dtype=torch.bool)
     return torch.empty_like(input), _vector(input), _vector(input), _vector(input), finite
 
@@ -147,7 +149,8 @@ def _(input, running_mean, running_var, weight, bias, residual, relu, eps):
 
 @torch.library.register_fake("batchnorm::update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, mean, m2, count, momentum):
-    _same_device("update_running_stats", mean, running_mean, running_var, num_batches_tracked, m2, count)
+    _same_device("update_running_stats", mean, running_mean,
+                 running_var, num_batches_tracked, m2, count)
     return mean.new_empty((), dtype=torch.bool)
 
 
@@ -304,6 +307,7 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync, running):
+        ctx.set_materialize_grads(False)  # no zero-filled grads for mean, m2, finite
         count = _count(input)
         if sync is None:
             output, mean, m2, invstd, finite = forward_train(
@@ -325,6 +329,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_m2, _grad_finite):
+        if grad_out is None:  # only mean, m2 or finite were used: nothing flows back
+            return None, None, None, None, None, None, None, None
         input, weight, mean, invstd, relu_output = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=memory_format(input))
         if torch.is_grad_enabled():

@@ -1,6 +1,6 @@
 """Composite fallback: the four batch-norm primitives written with torch operations.
 
-This file is also the contract every backend (kernels/cpu.py, kernels/triton.py) implements with
+This file is also the contract every backend (kernels/cpu/, kernels/triton.py) implements with
 the same four functions, the same arguments and the same results:
 
     stats(input)                                   -> (mean, m2)
@@ -122,7 +122,9 @@ def backward_elemt(
 
 def forward_train(input, weight, bias, residual, relu, eps, running_mean, running_var,
                   num_batches_tracked, momentum):
-    """stats, invstd, elemt, then update_running_stats; returns (output, mean, m2, invstd, finite)."""
+    """stats, invstd, elemt, then update_running_stats.
+
+    Returns (output, mean, m2, invstd, finite)."""
     ops = torch.ops.batchnorm
     mean, m2 = ops.stats(input)
     count = input.numel() // input.shape[1]

@@ -76,19 +76,25 @@ Tensor like(const Tensor& t, const Tensor& x, const char* op, const char* name) 
   return out;
 }
 
-// A per-channel argument as C contiguous values of the statistics' type (undefined if absent).
-Tensor channel_vector(const OptTensor& t, int64_t C, at::ScalarType type, const char* op,
-                      const char* name) {
-  if (!t.has_value() || !t->defined()) return Tensor();
+// A per-channel argument as C contiguous values of type A: a pointer into the tensor itself when
+// it already is that (no dispatcher call), else into a converted copy kept alive by `keep`.
+// nullptr when the argument is absent.
+template <typename A>
+const A* channel_ptr(const OptTensor& t, int64_t C, Tensor& keep, const char* op,
+                     const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
   check_on_cpu(*t, op, name);
   TORCH_CHECK(t->numel() == C, "batchnorm::", op, ": ", name, " must hold one value per "
               "channel (", C, "), got shape ", t->sizes());
-  return t->to(type).contiguous().view({C});
+  constexpr auto type = c10::CppTypeToScalarType<A>::value;
+  if (t->scalar_type() == type && t->is_contiguous()) return t->const_data_ptr<A>();
+  keep = t->to(type).contiguous();
+  return keep.const_data_ptr<A>();
 }
 
-template <typename A>
-const A* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 Tensor vector_of(int64_t C, const Tensor& like_input) {
@@ -182,16 +188,41 @@ Tensor bool_scalar(bool value) {
 // The ops
 // ---------------------------------------------------------------------------------------------
 
+#define BATCHNORM_DISPATCH(input, name, ...)                                                  \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (input).scalar_type(), name,      \
+                                  __VA_ARGS__)
+
+Tensor optional_like(const OptTensor& t, const Tensor& x, const char* op, const char* name) {
+  return t.has_value() && t->defined() ? like(*t, x, op, name) : Tensor();
+}
+
 std::tuple<Tensor, Tensor> stats_cpu(const Tensor& input) {
   const Dense d = dense(input, "stats");
   Tensor mean = vector_of(d.L.C, input), m2 = vector_of(d.L.C, input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_stats", [&] {
+  BATCHNORM_DISPATCH(input, "batchnorm_stats", [&] {
     using A = Acc<scalar_t>;
     stats<scalar_t>(d.t.const_data_ptr<scalar_t>(), d.L, mean.mutable_data_ptr<A>(),
                     m2.mutable_data_ptr<A>());
   });
   return {mean, m2};
+}
+
+// elemt with the per-channel factors given as pointers (nullptr: weight 1, bias 0).
+template <typename T>
+Tensor elemt_with(const Dense& d, const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* w,
+                  const Acc<T>* b, const Tensor& res, bool relu) {
+  using A = Acc<T>;
+  Tensor y = at::empty_like(d.t);
+  if (y.numel() == 0) return y;
+  const int64_t C = d.L.C;
+  std::vector<A> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = w ? invstd[c] * w[c] : invstd[c];
+    shift[c] = b ? b[c] : A(0);
+  }
+  elemt<T>(d.t.const_data_ptr<T>(), ptr_or_null<T>(res), y.mutable_data_ptr<T>(), d.L, mean,
+           scale.data(), shift.data(), relu);
+  return y;
 }
 
 Tensor elemt_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd,
@@ -200,29 +231,16 @@ Tensor elemt_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd,
   const char* op = "elemt";
   const Dense d = dense(input, op);
   const int64_t C = d.L.C;
-  const auto type = stat_type(input.scalar_type());
-  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
-  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
-  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
-  const Tensor bias_v = channel_vector(bias, C, type, op, "bias");
-  const Tensor res = residual.has_value() && residual->defined()
-      ? like(*residual, d.t, op, "residual") : Tensor();
-  Tensor y = at::empty_like(d.t);
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_elemt", [&] {
+  const Tensor res = optional_like(residual, d.t, op, "residual");
+  Tensor y;
+  BATCHNORM_DISPATCH(input, "batchnorm_elemt", [&] {
     using A = Acc<scalar_t>;
-    const A* m = mean_v.const_data_ptr<A>();
-    const A* is = invstd_v.const_data_ptr<A>();
-    const A* w = ptr_or_null<A>(weight_v);
-    const A* b = ptr_or_null<A>(bias_v);
-    std::vector<A> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      scale[c] = w ? is[c] * w[c] : is[c];
-      shift[c] = b ? b[c] : A(0);
-    }
-    elemt<scalar_t>(d.t.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(res),
-                    y.mutable_data_ptr<scalar_t>(), d.L, m, scale.data(), shift.data(), relu);
+    Tensor k0, k1, k2, k3;
+    const A* m = channel_ptr<A>(mean, C, k0, op, "mean");
+    const A* is = channel_ptr<A>(invstd, C, k1, op, "invstd");
+    const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
+    const A* b = channel_ptr<A>(bias, C, k3, op, "bias");
+    y = elemt_with<scalar_t>(d, m, is, w, b, res, relu);
   });
   return y;
 }
@@ -231,13 +249,22 @@ Tensor forward_eval_cpu(const Tensor& input, const Tensor& running_mean,
                         const Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
                         const OptTensor& residual, bool relu, double eps) {
   const char* op = "forward_eval";
-  const int64_t C = input.dim() >= 2 ? input.size(1) : 0;
-  const Tensor var = channel_vector(running_var, C, at::kDouble, op, "running_var");
-  Tensor invstd = at::empty({C}, input.options().dtype(at::kDouble));
-  const double* v = var.const_data_ptr<double>();
-  double* is = invstd.mutable_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) is[c] = 1.0 / std::sqrt(v[c] + eps);
-  return elemt_cpu(input, running_mean, invstd, weight, bias, residual, relu);
+  const Dense d = dense(input, op);
+  const int64_t C = d.L.C;
+  const Tensor res = optional_like(residual, d.t, op, "residual");
+  Tensor y;
+  BATCHNORM_DISPATCH(input, "batchnorm_forward_eval", [&] {
+    using A = Acc<scalar_t>;
+    Tensor k0, k1, k2, k3;
+    const A* m = channel_ptr<A>(running_mean, C, k0, op, "running_mean");
+    const double* v = channel_ptr<double>(running_var, C, k1, op, "running_var");
+    const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
+    const A* b = channel_ptr<A>(bias, C, k3, op, "bias");
+    std::vector<A> invstd(C);
+    for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<A>(1.0 / std::sqrt(v[c] + eps));
+    y = elemt_with<scalar_t>(d, m, invstd.data(), w, b, res, relu);
+  });
+  return y;
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Tensor& input,
@@ -246,25 +273,22 @@ std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Ten
   const char* op = "backward_reduce";
   const Dense d = dense(input, op);
   const int64_t C = d.L.C;
-  const auto type = stat_type(input.scalar_type());
   const Tensor dy = like(grad_out, d.t, op, "grad_out");
-  const Tensor out = output.has_value() && output->defined()
-      ? like(*output, d.t, op, "output") : Tensor();
-  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
-  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
+  const Tensor out = optional_like(output, d.t, op, "output");
   Tensor sum_dy = vector_of(C, input), sum_dy_xhat = vector_of(C, input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_backward_reduce", [&] {
+  BATCHNORM_DISPATCH(input, "batchnorm_backward_reduce", [&] {
     using A = Acc<scalar_t>;
+    Tensor k0, k1;
+    const A* m = channel_ptr<A>(mean, C, k0, op, "mean");
+    const A* is = channel_ptr<A>(invstd, C, k1, op, "invstd");
     if (d.L.count() == 0) {
       sum_dy.zero_();
       sum_dy_xhat.zero_();
       return;
     }
     backward_reduce<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
-                              ptr_or_null<scalar_t>(out), d.L, mean_v.const_data_ptr<A>(),
-                              invstd_v.const_data_ptr<A>(), sum_dy.mutable_data_ptr<A>(),
-                              sum_dy_xhat.mutable_data_ptr<A>());
+                              ptr_or_null<scalar_t>(out), d.L, m, is,
+                              sum_dy.mutable_data_ptr<A>(), sum_dy_xhat.mutable_data_ptr<A>());
   });
   return {sum_dy, sum_dy_xhat};
 }
@@ -275,34 +299,28 @@ Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Ten
   const char* op = "backward_elemt";
   const Dense d = dense(input, op);
   const int64_t C = d.L.C;
-  const auto type = stat_type(input.scalar_type());
   const Tensor dy = like(grad_out, d.t, op, "grad_out");
-  const Tensor out = output.has_value() && output->defined()
-      ? like(*output, d.t, op, "output") : Tensor();
-  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
-  const Tensor invstd_v = channel_vector(invstd, C, at::kDouble, op, "invstd");
-  const Tensor weight_v = channel_vector(weight, C, at::kDouble, op, "weight");
-  const Tensor mdy = channel_vector(mean_dy, C, at::kDouble, op, "mean_dy");
-  const Tensor mdx = channel_vector(mean_dy_xhat, C, at::kDouble, op, "mean_dy_xhat");
+  const Tensor out = optional_like(output, d.t, op, "output");
   Tensor dx = at::empty_like(d.t);
-  if (dx.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_backward_elemt", [&] {
+  BATCHNORM_DISPATCH(input, "batchnorm_backward_elemt", [&] {
     using A = Acc<scalar_t>;
-    const double* is = invstd_v.const_data_ptr<double>();
-    const double* w = ptr_or_null<double>(weight_v);
-    const double* m1 = mdy.const_data_ptr<double>();
-    const double* m2 = mdx.const_data_ptr<double>();
+    Tensor k0, k1, k2, k3, k4;
+    const A* m = channel_ptr<A>(mean, C, k0, op, "mean");
+    const A* is = channel_ptr<A>(invstd, C, k1, op, "invstd");
+    const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
+    const A* mdy = channel_ptr<A>(mean_dy, C, k3, op, "mean_dy");
+    const A* mdx = channel_ptr<A>(mean_dy_xhat, C, k4, op, "mean_dy_xhat");
+    if (dx.numel() == 0) return;
     std::vector<A> k(C), c1(C), c2(C);
     for (int64_t c = 0; c < C; ++c) {  // dx = dy k + c1 - (x - mean) c2
-      const double kc = is[c] * (w ? w[c] : 1.0);
+      const double kc = static_cast<double>(is[c]) * (w ? static_cast<double>(w[c]) : 1.0);
       k[c] = static_cast<A>(kc);
-      c1[c] = static_cast<A>(-kc * m1[c]);
-      c2[c] = static_cast<A>(kc * is[c] * m2[c]);
+      c1[c] = static_cast<A>(-kc * mdy[c]);
+      c2[c] = static_cast<A>(kc * is[c] * mdx[c]);
     }
     backward_elemt<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
-                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L,
-                             mean_v.const_data_ptr<A>(), k.data(), c1.data(), c2.data());
+                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L, m,
+                             k.data(), c1.data(), c2.data());
   });
   return dx;
 }
@@ -315,22 +333,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cpu(
   const char* op = "forward_train";
   const Dense d = dense(input, op);
   const int64_t C = d.L.C;
-  const auto type = stat_type(input.scalar_type());
-  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
-  const Tensor bias_v = channel_vector(bias, C, type, op, "bias");
-  const Tensor res = residual.has_value() && residual->defined()
-      ? like(*residual, d.t, op, "residual") : Tensor();
+  const Tensor res = optional_like(residual, d.t, op, "residual");
   TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
   Tensor y = at::empty_like(d.t);
   Tensor mean = vector_of(C, input), m2 = vector_of(C, input), invstd = vector_of(C, input);
   std::vector<double> mean_d(C), m2_d(C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_forward_train", [&] {
+  BATCHNORM_DISPATCH(input, "batchnorm_forward_train", [&] {
     using A = Acc<scalar_t>;
+    Tensor k0, k1;
+    const A* w = channel_ptr<A>(weight, C, k0, op, "weight");
+    const A* b = channel_ptr<A>(bias, C, k1, op, "bias");
     forward_train<scalar_t>(d.t.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(res),
-                            y.mutable_data_ptr<scalar_t>(), d.L, ptr_or_null<A>(weight_v),
-                            ptr_or_null<A>(bias_v), relu, eps, mean.mutable_data_ptr<A>(),
-                            m2.mutable_data_ptr<A>(), invstd.mutable_data_ptr<A>());
+                            y.mutable_data_ptr<scalar_t>(), d.L, w, b, relu, eps,
+                            mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>(),
+                            invstd.mutable_data_ptr<A>());
     const A* mp = mean.const_data_ptr<A>();
     const A* qp = m2.const_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
@@ -351,23 +367,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_train_cpu(const Tensor& grad_out,
   const char* op = "backward_train";
   const Dense d = dense(input, op);
   const int64_t C = d.L.C;
-  const auto type = stat_type(input.scalar_type());
   const Tensor dy = like(grad_out, d.t, op, "grad_out");
-  const Tensor out = output.has_value() && output->defined()
-      ? like(*output, d.t, op, "output") : Tensor();
-  const Tensor mean_v = channel_vector(mean, C, type, op, "mean");
-  const Tensor invstd_v = channel_vector(invstd, C, type, op, "invstd");
-  const Tensor weight_v = channel_vector(weight, C, type, op, "weight");
+  const Tensor out = optional_like(output, d.t, op, "output");
   TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
   Tensor dx = at::empty_like(d.t);
   Tensor sum_dy = vector_of(C, input), sum_dy_xhat = vector_of(C, input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "batchnorm_backward_train", [&] {
+  BATCHNORM_DISPATCH(input, "batchnorm_backward_train", [&] {
     using A = Acc<scalar_t>;
+    Tensor k0, k1, k2;
+    const A* m = channel_ptr<A>(mean, C, k0, op, "mean");
+    const A* is = channel_ptr<A>(invstd, C, k1, op, "invstd");
+    const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
     backward_train<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
-                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L,
-                             mean_v.const_data_ptr<A>(), invstd_v.const_data_ptr<A>(),
-                             ptr_or_null<A>(weight_v), sum_dy.mutable_data_ptr<A>(),
+                             ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L, m,
+                             is, w, sum_dy.mutable_data_ptr<A>(),
                              sum_dy_xhat.mutable_data_ptr<A>());
   });
   return {dx, sum_dy, sum_dy_xhat};
