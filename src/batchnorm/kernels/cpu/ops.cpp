@@ -12,10 +12,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -63,6 +69,74 @@ Dense dense(const Tensor& input, const char* op) {
     }
   }
   return {x, Layout{N, C, S, rows}};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large outputs: huge pages and a reuse pool
+// ---------------------------------------------------------------------------------------------
+// torch's CPU allocator takes 4 KiB pages from the OS for a large tensor (unless
+// THP_MEM_ALLOC_ENABLE=1), and every page of a fresh output faults and is zeroed before the kernel
+// writes it: for a memory-bound kernel that costs as much as the kernel. Outputs of kLargeBytes
+// and more are therefore 2 MiB-aligned blocks with transparent huge pages asked for (madvise),
+// and a freed block is kept for the next output of the same size while the pool holds less than
+// BATCHNORM_CPU_POOL_MB (default 256; 0 turns the pool off).
+
+constexpr size_t kLargeBytes = size_t(4) << 20;
+constexpr size_t kHugePage = size_t(2) << 20;
+
+struct OutputPool {
+  std::mutex mutex;
+  std::unordered_multimap<size_t, void*> free_blocks;
+  size_t held = 0;
+  size_t limit = 0;
+
+  OutputPool() {
+    const char* env = std::getenv("BATCHNORM_CPU_POOL_MB");
+    limit = (env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
+  }
+  void* acquire(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      auto it = free_blocks.find(bytes);
+      if (it != free_blocks.end()) {
+        void* block = it->second;
+        free_blocks.erase(it);
+        held -= bytes;
+        return block;
+      }
+    }
+    void* block = nullptr;
+    TORCH_CHECK(posix_memalign(&block, kHugePage, bytes) == 0, "batchnorm: could not allocate ",
+                bytes, " bytes for an output");
+    madvise(block, bytes, MADV_HUGEPAGE);  // a hint: without THP the block still works
+    return block;
+  }
+  void release(void* block, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (held + bytes <= limit) {
+        free_blocks.emplace(bytes, block);
+        held += bytes;
+        return;
+      }
+    }
+    std::free(block);
+  }
+};
+
+OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool();  // never destroyed: outputs may outlive exit
+  return *pool;
+}
+
+// An uninitialized tensor with x's sizes, strides and dtype (x is dense).
+Tensor empty_output(const Tensor& x) {
+  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
+  if (bytes < kLargeBytes) return at::empty_like(x);
+  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* block = output_pool().acquire(rounded);
+  return at::from_blob(block, x.sizes(), x.strides(),
+                       [rounded](void* p) { output_pool().release(p, rounded); }, x.options());
 }
 
 // t with x's dtype, sizes and strides (a copy only when it differs).
@@ -212,7 +286,7 @@ template <typename T>
 Tensor elemt_with(const Dense& d, const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* w,
                   const Acc<T>* b, const Tensor& res, bool relu) {
   using A = Acc<T>;
-  Tensor y = at::empty_like(d.t);
+  Tensor y = empty_output(d.t);
   if (y.numel() == 0) return y;
   const int64_t C = d.L.C;
   std::vector<A> scale(C), shift(C);
@@ -301,7 +375,7 @@ Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Ten
   const int64_t C = d.L.C;
   const Tensor dy = like(grad_out, d.t, op, "grad_out");
   const Tensor out = optional_like(output, d.t, op, "output");
-  Tensor dx = at::empty_like(d.t);
+  Tensor dx = empty_output(d.t);
   BATCHNORM_DISPATCH(input, "batchnorm_backward_elemt", [&] {
     using A = Acc<scalar_t>;
     Tensor k0, k1, k2, k3, k4;
@@ -335,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cpu(
   const int64_t C = d.L.C;
   const Tensor res = optional_like(residual, d.t, op, "residual");
   TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
-  Tensor y = at::empty_like(d.t);
+  Tensor y = empty_output(d.t);
   Tensor mean = vector_of(C, input), m2 = vector_of(C, input), invstd = vector_of(C, input);
   std::vector<double> mean_d(C), m2_d(C);
   BATCHNORM_DISPATCH(input, "batchnorm_forward_train", [&] {
@@ -370,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_train_cpu(const Tensor& grad_out,
   const Tensor dy = like(grad_out, d.t, op, "grad_out");
   const Tensor out = optional_like(output, d.t, op, "output");
   TORCH_CHECK(d.L.count() > 0, "batchnorm::", op, ": an empty batch has no statistics");
-  Tensor dx = at::empty_like(d.t);
+  Tensor dx = empty_output(d.t);
   Tensor sum_dy = vector_of(C, input), sum_dy_xhat = vector_of(C, input);
   BATCHNORM_DISPATCH(input, "batchnorm_backward_train", [&] {
     using A = Acc<scalar_t>;
