@@ -60,8 +60,11 @@ def _extensions():
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")
     flags += CAPABILITY_FLAGS[capability]
+    # -fopenmp makes at::parallel_for parallel (without it the header runs it serially); the
+    # OpenMP runtime is torch's own: libgomp.so.1, which torch has loaded before us.
     extension = CppExtension("batchnorm.kernels.cpu._C", SOURCES,
-                             extra_compile_args={"cxx": flags}, optional=True)
+                             extra_compile_args={"cxx": [*flags, "-fopenmp"]},
+                             extra_link_args=["-fopenmp"], optional=True)
     return [extension], {"build_ext": BuildExtension}
 
 

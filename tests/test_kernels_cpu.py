@@ -354,6 +354,9 @@ def test_fork_after_use():
         ops.forward_train(x, None, None, None, False, 1e-5, None, None, None, 0.1)
         pid = os.fork()
         if pid == 0:
+            # as DataLoader workers do: GNU OpenMP's pool does not survive fork (torch's own
+            # kernels hang in the child too otherwise), one thread needs no pool
+            torch.set_num_threads(1)
             y = ops.forward_train(x, None, None, None, False, 1e-5, None, None, None, 0.1)[0]
             os._exit(0 if abs(float(y.mean())) < 1e-4 else 3)
         _, status = os.waitpid(pid, 0)

@@ -32,7 +32,7 @@ import torch
 RESNET50 = [(16, 64, 112, 112), (16, 64, 56, 56), (16, 256, 56, 56), (16, 128, 28, 28),
             (16, 512, 28, 28), (16, 256, 14, 14), (16, 1024, 14, 14), (16, 512, 7, 7),
             (16, 2048, 7, 7)]
-SHAPES = RESNET50 + [(256, 1024), (16, 256, 2000)]
+SHAPES = RESNET50 + [(60, 100), (256, 1024), (16, 256, 2000)]
 QUICK_SHAPES = [(16, 64, 56, 56), (16, 256, 14, 14), (256, 1024)]
 MODES = ["train-fwd", "train-fwd-bwd", "eval-fwd", "relu-fwd-bwd"]
 # The one-sweep limit in units of the input size: each full-size tensor read or written once.
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="3 shapes, eager providers only, fewer repetitions (about 30 s)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated shapes like 16x64x56x56 (default: the ResNet-50 "
-                             "BN shapes at batch 16, 256x1024, 16x256x2000)")
+                             "BN shapes at batch 16, 60x100, 256x1024, 16x256x2000)")
     parser.add_argument("--layouts", default="contiguous,channels_last",
                         help="contiguous and/or channels_last (4D/5D shapes only)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")

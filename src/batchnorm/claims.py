@@ -332,7 +332,7 @@ CHECKS = (
 
 def run_checks(seed: int = 0, backend: str = "torch") -> list[ClaimResult]:
     """Every check, on the kernel backend `backend`: "torch" (the composite fallback: the same
-    custom ops with no numba compile on first use) or "auto" (the default choice per device)."""
+    custom ops in torch operations) or "auto" (the kernels registered per device)."""
     if backend not in ("torch", "auto"):
         raise ValueError(f"backend must be 'torch' or 'auto', got {backend!r}")
     with kernels.use(None if backend == "auto" else backend):
@@ -374,8 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the table as JSON to PATH")
     parser.add_argument("--kernels", choices=("torch", "auto"), default="torch",
-                        help="kernel backend: torch, the composite fallback (default: no numba "
-                             "compile, fast start), or auto, the backend chosen per device")
+                        help="kernel backend: torch, the composite fallback (default), or auto, "
+                             "the kernels registered per device (C++ on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

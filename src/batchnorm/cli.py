@@ -1,7 +1,7 @@
 """The `batchnorm` command: a thin dispatcher to the library.
 
 Each command lives in its own module, imported only when that command runs (so `batchnorm claims`
-does not pay for numba or matplotlib). A command module provides
+does not pay for matplotlib). A command module provides
 
     add_arguments(parser: argparse.ArgumentParser, command: str) -> None
     run(args: argparse.Namespace) -> int        # the exit status; args.command names the command

@@ -1,0 +1,62 @@
+"""Summary of a `batchnorm bench --out FILE.json` run against the CPU backend's targets.
+
+    python benchmarks/summarize_cpu.py benchmarks/results_cpu.json
+
+Prints, per thread count: the train forward+backward geomean and minimum vs torch.nn, the
+(60, 100)-style small rows, eval-forward geomean and minimum, fused BN+ReLU vs BN then ReLU,
+the x-roofline median of shapes of 8 MB and more, and whether 2 threads beat 1 on every shape
+of 1 MB and more. Rows marked noisy are counted and named.
+"""
+
+import json
+import math
+import statistics
+import sys
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def main(path: str) -> None:
+    rows = json.load(open(path))["rows"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["threads"], []).append(r)
+    for threads, rs in sorted(by.items()):
+        def pick(mode):
+            return [r for r in rs if r["mode"] == mode and "speedup_vs_torch" in r]
+        train, evals, relu = pick("train-fwd-bwd"), pick("eval-fwd"), pick("relu-fwd-bwd")
+        noisy = [r for r in rs if r.get("noisy")]
+        worst = min(train, key=lambda r: r["speedup_vs_torch"])
+        worst_eval = min(evals, key=lambda r: r["speedup_vs_torch"])
+        big = [r["x_roofline"] for r in rs if r["bytes"] >= 8 << 20 and "x_roofline" in r
+               and r["mode"] in ("train-fwd-bwd", "train-fwd", "eval-fwd")]
+        print(f"## {threads} thread(s): {len(rs)} rows, {len(noisy)} noisy")
+        print(f"train fwd+bwd vs torch.nn: geomean {geomean([r['speedup_vs_torch'] for r in train]):.2f}x, "
+              f"min {worst['speedup_vs_torch']:.2f}x ({worst['shape']} {worst['layout']})")
+        print(f"eval fwd vs torch.nn: geomean {geomean([r['speedup_vs_torch'] for r in evals]):.2f}x, "
+              f"min {worst_eval['speedup_vs_torch']:.2f}x ({worst_eval['shape']} {worst_eval['layout']})")
+        print(f"fused BN+ReLU vs BN then torch.relu: geomean "
+              f"{geomean([r['speedup_vs_unfused'] for r in relu if 'speedup_vs_unfused' in r]):.2f}x")
+        if big:
+            print(f"x roofline, shapes >= 8 MB (train-fwd, train-fwd-bwd, eval-fwd): median "
+                  f"{statistics.median(big):.2f}, max {max(big):.2f}")
+        for r in train:
+            if r["shape"] in ("60x100", "256x1024"):
+                print(f"  {r['shape']} train fwd+bwd: ours {r['ours_ms']:.3f} ms, torch "
+                      f"{r['torch_ms']:.3f} ms ({r['speedup_vs_torch']:.2f}x)")
+    if 1 in by and 2 in by:
+        one = {(r["shape"], r["layout"], r["mode"]): r for r in by[1]}
+        slower = []
+        for r in by[2]:
+            o = one.get((r["shape"], r["layout"], r["mode"]))
+            if o and r["bytes"] >= 1 << 20 and r["ours_ms"] >= o["ours_ms"]:
+                slower.append(f"{r['shape']} {r['layout']} {r['mode']} "
+                              f"({o['ours_ms']:.3f} -> {r['ours_ms']:.3f} ms)")
+        print(f"2 threads not faster than 1 on {len(slower)} rows of >= 1 MB"
+              + (": " + "; ".join(slower) if slower else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json")
