@@ -15,7 +15,8 @@ import os
 
 from setuptools import setup
 
-SOURCES = ["src/batchnorm/kernels/cpu/ops.cpp", "src/batchnorm/kernels/cpu/kernels.cpp"]
+SOURCES = ["src/batchnorm/kernels/cpu/ops.cpp", "src/batchnorm/kernels/cpu/kernels.cpp",
+           "src/batchnorm/kernels/cpu/autograd.cpp"]
 CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],

@@ -419,3 +419,42 @@ def test_composite_reference_is_not_the_cpu_kernels():
         assert kernels.backend_name(torch.empty(1)) == "recording"
     ops.stats(torch.randn(3, 2))
     assert calls == [1]
+
+
+def test_python_autograd_path_matches_torch():
+    # Without the extension the single-process step runs through ops._BatchNormTrain (the
+    # Python twin of kernels/cpu/autograd.cpp): train steps, eval, gradgradcheck against torch.
+    script = textwrap.dedent("""
+        import torch, batchnorm
+        from batchnorm import kernels
+        assert not kernels.native_cpu()
+        torch.manual_seed(0)
+        for shape, relu in (((6, 3, 4, 5), False), ((7, 4), True)):
+            ours = batchnorm.BatchNormReLU2d(3) if relu and len(shape) == 4 else (
+                batchnorm.BatchNormReLU1d(shape[1]) if relu else batchnorm.BatchNorm2d(3))
+            theirs = (torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else
+                      torch.nn.BatchNorm2d(3))
+            ours.double(); theirs.double()
+            for step in range(3):
+                x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                y_ours = ours(x)
+                y_theirs = theirs(x)
+                if relu:
+                    y_theirs = torch.relu(y_theirs)
+                g = torch.randn_like(y_ours)
+                a = torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), g)
+                b = torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), g)
+                torch.testing.assert_close(y_ours, y_theirs)
+                for u, v in zip(a, b):
+                    torch.testing.assert_close(u, v)
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+            torch.testing.assert_close(ours.running_var, theirs.running_var)
+        x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        f = lambda x, w, b: batchnorm.functional.batch_norm(x, None, None, w, b, training=True)
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], timeout=300,
+                          env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -68,7 +68,8 @@ def _batch_norm(
     num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
     _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
            momentum, eps)
-    input = input.contiguous(memory_format=memory_format(input))
+    if not input.is_contiguous():  # channels_last stays so; any other stride is made dense
+        input = input.contiguous(memory_format=memory_format(input))
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format(input))
 

@@ -29,6 +29,9 @@
 #include "kernels.h"
 
 namespace batchnorm::cpu {
+
+void register_autograd(torch::Library& library);  // autograd.cpp: forward_train's C++ node
+
 namespace {
 
 using at::Tensor;
@@ -472,7 +475,7 @@ Tensor update_running_stats_cpu(const Tensor& running_mean, const Tensor& runnin
   return bool_scalar(finite);
 }
 
-std::unique_ptr<torch::Library> registration;
+std::unique_ptr<torch::Library> registration, autograd_registration;
 
 bool register_kernels() {
   if (!capability_supported()) return false;
@@ -487,7 +490,12 @@ bool register_kernels() {
   library->impl("backward_train", TORCH_FN(backward_train_cpu));
   library->impl("forward_eval", TORCH_FN(forward_eval_cpu));
   library->impl("update_running_stats", TORCH_FN(update_running_stats_cpu));
+  auto autograd = std::make_unique<torch::Library>(torch::Library::IMPL, "batchnorm",
+                                                   c10::DispatchKey::Autograd, __FILE__,
+                                                   __LINE__);
+  register_autograd(*autograd);  // autograd.cpp
   registration = std::move(library);
+  autograd_registration = std::move(autograd);
   return true;
 }
 
