@@ -25,7 +25,7 @@ def _args(**overrides) -> argparse.Namespace:
 @pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize("check", claims.CHECKS, ids=lambda check: check.__name__)
 def test_each_claim_holds(check, seed):
-    """Called directly, a check runs on the default kernel backend (the C++ kernels on CPU); run() and
+    """Called directly, a check runs on the default kernels (C++ on CPU); run() and
     run_checks() below use the torch fallback, so both paths are covered."""
     result = check(seed=seed)
     assert result.holds, f"claim {result.number} failed: {result.measured}"
