@@ -67,7 +67,13 @@ def _batch_norm(
     """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
     num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
     _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-           momentum, eps)
+           momentum, eps, training=training)
+    if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
+        return input.clone()
+    if sync is None and ops.needs_torch_batch_norm(input, weight, bias, residual, running_mean,
+                                                   running_var):
+        return ops.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, residual, relu, num_batches_tracked)
     if not input.is_contiguous():  # channels_last stays so; any other stride is made dense
         input = input.contiguous(memory_format=memory_format(input))
     if residual is not None:
@@ -125,11 +131,15 @@ def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> T
 
 
 def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, momentum,
-           eps):
-    """Every rejection happens here, before any buffer is touched.
+           eps, training=None):
+    """Every rejection happens here, before any buffer is touched: what torch rejects, with
+    torch's exception types (eps must be positive in training and non-negative in eval; any
+    float momentum is taken, as torch takes it).
 
     local_batch_stats: the batch statistics are this call's own (training without a StatsSync),
-    so they need more than one value per channel.
+    so they need more than one value per channel. training: whether the call normalizes with
+    batch statistics at all (default: local_batch_stats; True for SyncBatchNorm and ghost batch
+    norm, whose statistics are not the whole local batch's).
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm expects input to be a Tensor, got {type(input).__name__}")
@@ -138,15 +148,34 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
             f"batch_norm expects a floating-point input (float16, bfloat16, float32, float64), "
             f"got dtype {input.dtype}"
         )
-    if input.dim() < 2:
+    if input.dim() < 2 and input.numel() > 0:  # torch takes an empty 1-D input, (0,)
         raise ValueError(
             f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
             f"{input.dim()}D input of shape {tuple(input.shape)}"
         )
+    training = local_batch_stats if training is None else training
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training (it keeps the batch "
+                         f"variance away from 0), but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.dim() < 2:
+        return
     channels = input.shape[1]
+    device = input.device
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias)):
+                         ("weight", weight), ("bias", bias), ("residual", residual)):
         if tensor is None:
+            continue
+        if tensor.device != device:
+            raise RuntimeError(f"batch_norm: {name} is on {tensor.device}, expected {device} like "
+                               f"the input: every tensor argument must be on the input's device")
+        if name == "residual":
+            if tensor.shape != input.shape:
+                raise RuntimeError(
+                    f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
+                    f"{tuple(tensor.shape)}"
+                )
             continue
         if tensor.dim() != 1 or tensor.numel() != channels:
             raise RuntimeError(
@@ -156,15 +185,6 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
             )
         if not tensor.is_floating_point():
             raise RuntimeError(f"batch_norm: {name} must be floating point, got {tensor.dtype}")
-    if residual is not None and residual.shape != input.shape:
-        raise RuntimeError(
-            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
-            f"{tuple(residual.shape)}"
-        )
-    if not eps > 0:
-        raise ValueError(f"batch_norm: eps must be positive, got {eps}")
-    if momentum is not None and not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
-        raise ValueError(f"batch_norm: momentum must lie in [0, 1] (or be None), got {momentum}")
     if local_batch_stats and input.numel() > 0:
         values_per_channel = input.numel() // channels
         if values_per_channel <= 1:

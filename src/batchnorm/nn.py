@@ -23,18 +23,6 @@ __all__ = [
 ]
 
 
-def check_constructor_args(num_features: int, eps: float, momentum: float | None) -> None:
-    """Reject what torch accepts and fails on later (or silently mis-trains with)."""
-    if not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int (the channel count C), got "
-                         f"{num_features!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive (it keeps the variance away from 0), got {eps!r}")
-    if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], or be None for a cumulative average, "
-                         f"got {momentum!r}")
-
-
 class _BatchNorm(torch_bn._BatchNorm):
     """Shared forward; subclasses say which input ranks they take."""
 
@@ -56,8 +44,8 @@ class _BatchNorm(torch_bn._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True) -> None:
-        if not isinstance(self, LazyModuleMixin):  # lazy modules start with num_features = 0
-            check_constructor_args(num_features, eps, momentum)
+        # The arguments torch.nn accepts, accepted as they are (eps and momentum are checked by
+        # the functional call, where torch checks them).
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
 

@@ -430,3 +430,39 @@ def batch_norm_eval(
         invstd = torch.rsqrt(var.to(acc) + eps)
         return elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
     return forward_eval(input, mean, var, weight, bias, residual, relu, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func transforms and forward-mode AD: torch's own batch norm
+# ---------------------------------------------------------------------------------------------
+
+
+def needs_torch_batch_norm(*tensors: Tensor | None) -> bool:
+    """True under a torch.func transform (grad, vmap, jvp, jacrev, ...) or when a tensor carries
+    a forward-mode tangent (torch.autograd.forward_ad): our ops have no batching rules and no
+    forward-mode formulas, so such calls take torch's batch norm, which has both."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        return any(t is not None and unpack(t).tangent is not None for t in tensors)
+    return False
+
+
+def torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     residual=None, relu=False, num_batches_tracked=None) -> Tensor:
+    """torch.nn.functional.batch_norm with this package's extras (residual, ReLU, momentum=None
+    as the cumulative average over num_batches_tracked), as torch.nn's modules call it. The
+    NaN/Inf guard does not apply here: torch updates the buffers with whatever the batch holds."""
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                            training, factor, eps)
+    if residual is not None:
+        output = output + residual
+    return torch.relu(output) if relu else output

@@ -7,7 +7,6 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 
 from batchnorm import functional as F
-from batchnorm import nn
 
 
 class FrozenBatchNorm(torch.nn.Module):
@@ -23,7 +22,6 @@ class FrozenBatchNorm(torch.nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, relu: bool = False, device=None,
                  dtype=None) -> None:
-        nn.check_constructor_args(num_features, eps, 0.0)
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.relu = num_features, eps, relu

@@ -596,7 +596,7 @@ void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layou
 
 template <typename T>
 void forward_train(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* weight,
-                   const Acc<T>* bias, bool relu, double eps, Acc<T>* mean, Acc<T>* m2,
+                   const Acc<T>* bias, bool relu, double eps, double* mean, double* m2,
                    Acc<T>* invstd) {
   using A = Acc<T>;
   const int64_t n = L.count(), C = L.C;
@@ -606,17 +606,19 @@ void forward_train(const T* x, const T* residual, T* y, const Layout& L, const A
     if (L.rows) {
       std::vector<double> mean_d, m2_d;
       rows_stats(x, L, mean_d, m2_d);
-      std::vector<A> scale(C), shift(C);
+      std::vector<A> mean_a(C), scale(C), shift(C);
       for (int64_t c = 0; c < C; ++c) {
         const double invstd_c = channel_invstd(m2_d[c]);
-        mean[c] = static_cast<A>(mean_d[c]);
-        m2[c] = static_cast<A>(m2_d[c]);
+        mean[c] = mean_d[c];
+        m2[c] = m2_d[c];
+        mean_a[c] = static_cast<A>(mean_d[c]);
         invstd[c] = static_cast<A>(invstd_c);
         scale[c] = static_cast<A>(invstd_c * (weight ? weight[c] : 1.0));
         shift[c] = bias ? bias[c] : A(0);
       }
       each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
-        rows_elemt<T, kRes, kRelu>(x, residual, y, C, r0, r1, mean, scale.data(), shift.data());
+        rows_elemt<T, kRes, kRelu>(x, residual, y, C, r0, r1, mean_a.data(), scale.data(),
+                                   shift.data());
       });
       return;
     }
@@ -625,11 +627,11 @@ void forward_train(const T* x, const T* residual, T* y, const Layout& L, const A
         double mean_c, m2_c;
         channel_moments(x, L, c, mean_c, m2_c);  // the channel is in cache for the pass below
         const double invstd_c = channel_invstd(m2_c);
-        mean[c] = static_cast<A>(mean_c);
-        m2[c] = static_cast<A>(m2_c);
+        mean[c] = mean_c;
+        m2[c] = m2_c;
         invstd[c] = static_cast<A>(invstd_c);
         const A scale = static_cast<A>(invstd_c * (weight ? weight[c] : 1.0));
-        channel_elemt<T, kRes, kRelu>(x, residual, y, L, c, mean[c], scale,
+        channel_elemt<T, kRes, kRelu>(x, residual, y, L, c, static_cast<A>(mean_c), scale,
                                       bias ? bias[c] : A(0));
       }
     });
@@ -715,7 +717,7 @@ bool capability_supported() {
   template void backward_elemt<T>(const T*, const T*, const T*, T*, const Layout&,             \
                                   const Acc<T>*, const Acc<T>*, const Acc<T>*, const Acc<T>*); \
   template void forward_train<T>(const T*, const T*, T*, const Layout&, const Acc<T>*,         \
-                                 const Acc<T>*, bool, double, Acc<T>*, Acc<T>*, Acc<T>*);      \
+                                 const Acc<T>*, bool, double, double*, double*, Acc<T>*);      \
   template void backward_train<T>(const T*, const T*, const T*, T*, const Layout&,             \
                                   const Acc<T>*, const Acc<T>*, const Acc<T>*, Acc<T>*, Acc<T>*);
 

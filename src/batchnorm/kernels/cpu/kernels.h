@@ -51,10 +51,11 @@ void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layou
 
 // The fused training step: statistics, invstd = 1 / sqrt(m2 / count + eps), and the
 // normalize + affine (+ residual, ReLU) pass, channel block by channel block while it is in cache.
-// weight / bias may be null (1 and 0).
+// weight / bias may be null (1 and 0). mean and m2 are written in double: float32 data near
+// 1e30 have an M2 beyond float32 but normalize fine, and the NaN/Inf guard must not mistake it.
 template <typename T>
 void forward_train(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* weight,
-                   const Acc<T>* bias, bool relu, double eps, Acc<T>* mean, Acc<T>* m2,
+                   const Acc<T>* bias, bool relu, double eps, double* mean, double* m2,
                    Acc<T>* invstd);
 
 // The fused backward: backward_reduce, then

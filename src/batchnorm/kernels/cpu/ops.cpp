@@ -421,14 +421,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_cpu(
     const A* w = channel_ptr<A>(weight, C, k0, op, "weight");
     const A* b = channel_ptr<A>(bias, C, k1, op, "bias");
     forward_train<scalar_t>(d.t.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(res),
-                            y.mutable_data_ptr<scalar_t>(), d.L, w, b, relu, eps,
-                            mean.mutable_data_ptr<A>(), m2.mutable_data_ptr<A>(),
-                            invstd.mutable_data_ptr<A>());
-    const A* mp = mean.const_data_ptr<A>();
-    const A* qp = m2.const_data_ptr<A>();
+                            y.mutable_data_ptr<scalar_t>(), d.L, w, b, relu, eps, mean_d.data(),
+                            m2_d.data(), invstd.mutable_data_ptr<A>());
+    A* mp = mean.mutable_data_ptr<A>();
+    A* qp = m2.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
-      mean_d[c] = static_cast<double>(mp[c]);
-      m2_d[c] = static_cast<double>(qp[c]);
+      mp[c] = static_cast<A>(mean_d[c]);
+      qp[c] = static_cast<A>(m2_d[c]);
     }
   });
   const bool finite = update_running(running_mean, running_var, num_batches_tracked, mean_d,
