@@ -87,6 +87,20 @@ class _BatchNorm(torch_bn._BatchNorm):
                              residual=residual, relu=self._relu,
                              num_batches_tracked=num_batches_tracked, sync=self._sync())
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What torch.jit.script compiles in our place: torch.nn's layer holding the same
+        Parameter and buffer objects (TorchScript cannot compile our Python forward), with the
+        fused ReLU / residual add as TorchScript-able modules around it."""
+        twin = _TO_TORCH_TWIN.get(type(self))
+        if twin is None:
+            raise RuntimeError(
+                f"torch.jit.script cannot compile {type(self).__name__}: it has no torch.nn "
+                f"equivalent; use torch.compile or torch.export, or batchnorm.to_torch(model) "
+                f"for the layers that have one")
+        base, wrapper = twin
+        bn = _swap_class(self, base)
+        return bn if wrapper is None else wrapper(bn)
+
     def _sync(self) -> StatsSync | None:
         """How batch statistics are combined across processes: None here (this process only);
         distributed.SyncBatchNorm returns its process group's StatsSync while training."""
@@ -210,6 +224,41 @@ def _replace(model: torch.nn.Module, mapping: dict[type, type | None]) -> torch.
         if replaced is not child:
             setattr(model, name, replaced)
     return model
+
+
+class _ScriptableReLU(torch.nn.Module):
+    """relu(bn(x)) for TorchScript."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.relu(self.bn(input))
+
+
+class _ScriptableAddReLU(torch.nn.Module):
+    """relu(bn(x) + residual) for TorchScript."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return torch.relu(self.bn(input) + residual)
+
+
+# Our class -> (torch.nn class holding the state, TorchScript-able wrapper or None)
+_TO_TORCH_TWIN: dict[type, tuple[type, type | None]] = {
+    BatchNorm1d: (torch.nn.BatchNorm1d, None),
+    BatchNorm2d: (torch.nn.BatchNorm2d, None),
+    BatchNorm3d: (torch.nn.BatchNorm3d, None),
+    BatchNormReLU1d: (torch.nn.BatchNorm1d, _ScriptableReLU),
+    BatchNormReLU2d: (torch.nn.BatchNorm2d, _ScriptableReLU),
+    BatchNormReLU3d: (torch.nn.BatchNorm3d, _ScriptableReLU),
+    BatchNormAddReLU2d: (torch.nn.BatchNorm2d, _ScriptableAddReLU),
+    BatchNormAddReLU3d: (torch.nn.BatchNorm3d, _ScriptableAddReLU),
+}
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:

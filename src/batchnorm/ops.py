@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.kernels import composite
 from batchnorm.layout import channel_view, memory_format, reduce_dims, relu_masked, stat_dtype
 
 _lib = torch.library.Library("batchnorm", "DEF")
@@ -398,6 +399,8 @@ def batch_norm_train(
     Python autograd.Function costs more than the whole step of a small layer (measured:
     (60, 100) forward + backward 59 us with it, torch.nn 36 us).
     """
+    if sync is None and tracing():
+        return _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running)
     if sync is None and kernels.native_cpu():
         output, mean, m2, _, finite = forward_train(
             input, weight, bias, residual, relu, eps, running.mean, running.var,
@@ -425,6 +428,10 @@ def batch_norm_eval(
     Without gradients to record this is the single op forward_eval; with them, elemt (which
     has an autograd formula) on invstd computed here.
     """
+    if tracing():
+        acc = stat_dtype(input.dtype)
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        return composite.elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
     if _needs_grad(input, mean, var, weight, bias, residual):
         acc = stat_dtype(input.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
@@ -466,3 +473,37 @@ def torch_batch_norm(input, running_mean, running_var, weight, bias, training, m
     if residual is not None:
         output = output + residual
     return torch.relu(output) if relu else output
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing (torch.compile, torch.export, torch.jit.trace): the same arithmetic in aten operations
+# ---------------------------------------------------------------------------------------------
+
+
+def tracing() -> bool:
+    """True while torch.compile, torch.export or torch.jit.trace records the call. The
+    composite's torch operations are then traced instead of our ops: Inductor fuses them with
+    their neighbours (our ops are opaque to it), an exported graph holds core aten operations
+    only (it loads and runs without this package), and TorchScript records plain aten calls."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing())
+
+
+def _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running):
+    """batch_norm_train in torch operations: the composite's stats and elemt, differentiated by
+    torch's autograd; the running statistics through the composite's traceable update (the
+    NaN/Inf guard a torch.where, momentum=None a tensor factor: no graph break)."""
+    mean, m2 = composite.stats(input)
+    invstd = torch.rsqrt(m2 / _count(input) + eps)
+    output = composite.elemt(input, mean, invstd, weight, bias, residual, relu)
+    mean, m2 = mean.detach(), m2.detach()
+    if running.mean is not None and running.var is not None:
+        count = torch.full((), _count(input), dtype=m2.dtype, device=m2.device)
+        finite = composite.update_running_stats(running.mean, running.var,
+                                                running.num_batches_tracked, mean, m2, count,
+                                                running.momentum)
+    else:
+        finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
+        if running.num_batches_tracked is not None:
+            running.num_batches_tracked.add_(1)
+    return output, mean, m2, finite
