@@ -237,14 +237,15 @@ def test_torch_engine_step_matches_numpy_engine(embedded):
     def state(engine):
         if isinstance(engine, TorchEngine):
             arrays = [engine.w_first, *engine.w["plain"], *engine.w["bn"], engine.small,
+                      *engine.norm_parameters,
                       *(b for norm in engine.norms for b in (norm.running_mean, norm.running_var))]
             return [a.double().numpy().copy() for a in arrays]
-        small = [*engine.plain.biases[:-1], engine.plain.biases[-1], engine.bn.biases[-1],
-                 *(t for i in range(3) for t in (engine.bn.gamma[i], engine.bn.beta[i]))]
+        small = [*engine.plain.biases[:-1], engine.plain.biases[-1], engine.bn.biases[-1]]
         # the torch engine's small vector: b_first = [b_plain0 | 0], then the same order
         first_bias = np.concatenate([small[0], np.zeros_like(small[0])], axis=2)
         arrays = [engine.first, *engine.plain.weights[1:], *engine.bn.weights[1:],
                   np.concatenate([a.ravel() for a in [first_bias, *small[1:]]]),
+                  *(t for i in range(3) for t in (engine.bn.gamma[i], engine.bn.beta[i])),
                   *(b for i in range(3) for b in (engine.bn.running_mean[i],
                                                   engine.bn.running_var[i]))]
         return [a.copy() for a in arrays]      # the engine updates its arrays in place

@@ -72,15 +72,14 @@ class TorchEngine:
         # by side, [W_plain | W_bn], and its bias [b_plain | 0]: the BN network has no hidden
         # bias (beta takes its place), so its half stays 0 (its gradient is never written).
         # Weights are updated inside their gradient's matmul (w += -lr * a^T dz, one baddbmm_);
-        # the small parameters (biases, gamma, beta) are views of one vector, updated in one call.
+        # the biases are views of one vector, updated in one call; gamma and beta in another.
         first = _stack(inits, 0)
         self.w_first = torch.cat([first, first], dim=2)                    # (S, 784, 200)
         self.w = {net: [_stack(inits, i) for i in range(1, layers)] for net in NETS}
         self.w_t = {net: [w.transpose(1, 2) for w in self.w[net]] for net in NETS}   # views
         shapes = {"b_first": (S, 1, 2 * C),
                   **{f"b_plain{i}": (S, 1, C) for i in range(1, layers - 1)},
-                  "b_out_plain": (S, 1, outputs), "b_out_bn": (S, 1, outputs),
-                  **{f"{p}{i}": (S * C,) for i in range(layers - 1) for p in ("gamma", "beta")}}
+                  "b_out_plain": (S, 1, outputs), "b_out_bn": (S, 1, outputs)}
         self.small = torch.zeros(sum(int(np.prod(shape)) for shape in shapes.values()))
         self.small_grad = torch.zeros_like(self.small)
         self.p, self.g = {}, {}                   # parameter and gradient views, by name
@@ -91,12 +90,9 @@ class TorchEngine:
             self.g[name] = self.small_grad[offset:offset + size].view(shape)
             offset += size
         p = self.p
-        self.norms = []
-        for i in range(layers - 1):
-            norm = BatchNorm1d(S * C, eps=settings.eps, momentum=settings.momentum)
-            p[f"gamma{i}"][:], p[f"beta{i}"][:] = norm.weight.detach(), norm.bias.detach()
-            norm.weight.data, norm.bias.data = p[f"gamma{i}"], p[f"beta{i}"]   # share the views
-            self.norms.append(norm)
+        self.norms = [BatchNorm1d(S * C, eps=settings.eps, momentum=settings.momentum)
+                      for _ in range(layers - 1)]
+        self.norm_parameters = [t.data for norm in self.norms for t in (norm.weight, norm.bias)]
         self.b_plain = [p["b_first"][..., :C]] + [p[f"b_plain{i}"] for i in range(1, layers - 1)]
         self.gb_plain = ([self.g["b_first"][..., :C]]
                          + [self.g[f"b_plain{i}"] for i in range(1, layers - 1)])
@@ -110,6 +106,7 @@ class TorchEngine:
         self.dz_first = torch.empty(S, N, 2 * C)
         self.logits = torch.empty(2, S, N, outputs)                     # [plain, bn]
         self.z_side = [torch.empty(N, S * C) for _ in self.norms]       # BN inputs, (60, S * 100)
+        self.du_side = torch.empty(N, S * C)                             # BN's output gradient
         self.details = {"dtype": "float32", "torch": torch.__version__,
                         "bn_kernels": kernels.backend_name(self.x_train),
                         "torch_threads": torch.get_num_threads()}
@@ -139,7 +136,7 @@ class TorchEngine:
         torch.index_select(self.x_train, 0, index, out=self.x)
         torch.index_select(self.onehot_train, 0, index, out=self.onehot)
         x = self.x.view(S, N, -1)                                         # (S, 60, 784)
-        p, g, w, w_t, lr = self.p, self.g, self.w, self.w_t, self.settings.lr
+        p, w, w_t, lr = self.p, self.w, self.w_t, self.settings.lr
         # layer 1 of both networks: [z_plain + b | z_bn] (S, 60, 200)
         torch.baddbmm(p["b_first"], x, self.w_first, out=self.z_first)
 
@@ -168,31 +165,39 @@ class TorchEngine:
         d_logits = e.div_(e.sum(3, keepdim=True)).sub_(self.onehot.view(S, N, -1)).div_(N)
 
         # backward, in mirrored order
+        norm_grads = [None] * len(self.norm_parameters)
         for net, d, acts in (("plain", d_logits[0], plain_acts),
                              ("bn", d_logits[1], [self._per_seed(t[3]) for t in bn_tape])):
             torch.sum(d, 1, keepdim=True, out=self.gb_out[net])
             dh = torch.bmm(d, w_t[net][-1])                                # (S, 60, 100)
             w[net][-1].baddbmm_(acts[-1].transpose(1, 2), d, alpha=-lr)    # SGD: W -= lr a^T d
             for i in reversed(range(len(acts))):
-                if net == "plain":
-                    dz = torch.ops.aten.sigmoid_backward(dh, acts[i])      # back through sigmoid
+                if net == "plain":                         # back through sigmoid (layer 1: into
+                    dz = (torch.ops.aten.sigmoid_backward(dh, acts[i]) if i else   # dz_first)
+                          torch.ops.aten.sigmoid_backward.grad_input(
+                              dh, acts[i], grad_input=self.dz_first[..., :C]))
                     torch.sum(dz, 1, keepdim=True, out=self.gb_plain[i])   # back through + b
                 else:
                     z_side, mean, invstd, a = bn_tape[i]
-                    du = torch.ops.aten.sigmoid_backward(dh.transpose(0, 1), a.view(N, S, C))
-                    dz_side, g[f"gamma{i}"][:], g[f"beta{i}"][:] = bn_train_backward(
-                        self.norms[i], du.reshape(N, S * C), z_side, mean, invstd)
+                    du = self.du_side                      # back through sigmoid, side by side
+                    torch.ops.aten.sigmoid_backward.grad_input(
+                        dh.transpose(0, 1), a.view(N, S, C), grad_input=du.view(N, S, C))
+                    dz_side, d_gamma, d_beta = bn_train_backward(      # back through BN
+                        self.norms[i], du, z_side, mean, invstd)
+                    norm_grads[2 * i:2 * i + 2] = d_gamma, d_beta
                     dz = self._per_seed(dz_side)                           # (S, 60, 100) view
                 if i == 0:                                 # layer 1: both networks at once
-                    self.dz_first[..., (slice(0, C) if net == "plain" else slice(C, None))] = dz
+                    if net == "bn":
+                        self.dz_first[..., C:] = dz
                 else:                                                      # back through h W
                     dh = torch.bmm(dz, w_t[net][i - 1])      # with W before its update
                     w[net][i - 1].baddbmm_(acts[i - 1].transpose(1, 2), dz, alpha=-lr)
         self.w_first.baddbmm_(self.x_t, self.dz_first, alpha=-lr)          # (S, 784, 200)
 
-        # SGD for the small parameters, in one call (the BN half of b_first's gradient is never
-        # written: it stays 0, and so does that half of b_first)
+        # SGD for the biases in one call (the BN half of b_first's gradient is never written: it
+        # stays 0, and so does that half of b_first), for gamma and beta in another
         self.small.add_(self.small_grad, alpha=-lr)
+        torch._foreach_add_(self.norm_parameters, norm_grads, alpha=-lr)
 
     @torch.no_grad()
     def evaluate(self) -> list[Evaluation]:
