@@ -231,8 +231,8 @@ class TorchEngine:
     def matmul_seconds_per_step(self, repeats: int = 500) -> float:
         """The floor of step(): the same batched matrix products it makes (forward, weight
         gradients with their SGD update, input gradients of layers 2-4, both networks), on the
-        same shapes, strides and threads, and nothing else; the best of 3 rounds of `repeats`
-        steps. Works on copies: the engine's weights are not changed."""
+        same shapes, strides and threads, and nothing else; the mean over `repeats` steps after
+        2 untimed ones. Works on copies: the engine's weights are not changed."""
         S, N, C = self.seeds, self.batch_size, self.width
         w = {net: [t.clone() for t in self.w[net]] for net in NETS}
         w_t = {net: [t.transpose(1, 2) for t in w[net]] for net in NETS}
@@ -259,11 +259,10 @@ class TorchEngine:
                     w[net][i].baddbmm_(a.transpose(1, 2), d, alpha=-1e-6)
             w_first.baddbmm_(x_t, dz_first, alpha=-1e-6)                      # back: layer 1
 
-        best = float("inf")
         with torch.no_grad():
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    one_step()
-                best = min(best, (time.perf_counter() - start) / repeats)
-        return best
+            for _ in range(2):
+                one_step()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                one_step()
+            return (time.perf_counter() - start) / repeats
