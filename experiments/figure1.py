@@ -2,7 +2,7 @@
 with and without batch norm. The same experiment as `batchnorm paper`, written out flat.
 
     python experiments/figure1.py                        # the settings below
-    python experiments/figure1.py --engine=numpy --seed=1 --steps=5000
+    python experiments/figure1.py --engine=numpy --seed=1 --seeds=1 --steps=10000
 
 Writes {out}/figure1.png and {out}/figure1.json and prints the summary.
 """
@@ -17,7 +17,8 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "
 # -----------------------------------------------------------------------------------------------
 # settings (the paper's: steps, batch of 60, 3 x 100 sigmoid units; ours: lr, init std, eval grid)
 steps = 50_000        # SGD steps of both networks
-seed = 0              # initial weights and batch order
+seed = 0              # the first seed: initial weights and batch order
+seeds = 3             # seeds seed, seed + 1, ... trained side by side
 lr = 0.5              # plain SGD, no momentum, no decay
 engine = "torch"      # "torch": batchnorm.BatchNorm1d + autograd; "numpy": batchnorm.reference
 mnist = ""            # a directory of MNIST IDX files; "" for the embedded 5,000-image sample
@@ -28,9 +29,9 @@ import sys  # noqa: E402
 
 for argument in sys.argv[1:]:
     key, _, value = argument.lstrip("-").partition("=")
-    if key not in ("steps", "seed", "lr", "engine", "mnist", "out") or not value:
-        sys.exit(f"unknown or empty setting {argument!r}; expected --steps=N, --seed=N, --lr=X, "
-                 f"--engine=torch|numpy, --mnist=DIR or --out=DIR")
+    if key not in ("steps", "seed", "seeds", "lr", "engine", "mnist", "out") or not value:
+        sys.exit(f"unknown or empty setting {argument!r}; expected --steps=N, --seed=N, "
+                 f"--seeds=N, --lr=X, --engine=torch|numpy, --mnist=DIR or --out=DIR")
     globals()[key] = type(globals()[key])(value)
 
 import json  # noqa: E402
@@ -45,8 +46,8 @@ torch.set_num_threads(1)
 
 data = load_mnist_idx(mnist) if mnist else load_embedded_mnist()
 print(data.source)
-settings = Settings(steps=steps, seed=seed, lr=lr, engine=engine)
-result = run_experiment(data, settings, progress=True)
+settings = Settings(steps=steps, seed=seed, seeds=seeds, lr=lr, engine=engine)
+result = run_experiment(data, settings, progress=True, measure_bound=True)
 
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "figure1.json"), "w") as f:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data (creating .venv first if needed): Figure 1 of the
-# batch-norm paper, written to out/paper/figure1.png and figure1.json.
+# batch-norm paper (seeds 0-2 side by side unless --seeds says otherwise), written to
+# out/paper/figure1.png and figure1.json.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/env.sh")"

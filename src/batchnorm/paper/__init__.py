@@ -2,8 +2,11 @@
 
     data.py           the embedded 5,000-image MNIST sample, or real MNIST IDX files (--mnist DIR)
     experiment.py     settings, the shared training loop, the recorded history, the summary
-    torch_engine.py   the networks on batchnorm.BatchNorm1d (ours), autograd, float32
+    torch_engine.py   the networks on batchnorm.BatchNorm1d (ours), backward by hand, float32
     numpy_engine.py   the same networks on batchnorm.reference, backward by hand, float64
+
+Both engines train S seeds (--seeds, default 3) of both networks at once: each layer's weights
+of all seeds as one (S, fan_in, fan_out) tensor, batch norm on the seeds' channels side by side.
     plot.py           the three-panel figure
 
 Writes OUT/figure1.png and OUT/figure1.json and prints the summary table.
@@ -49,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help=f"training steps of both networks (default {defaults.steps}, the "
                              f"paper's)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed of the initial weights and the batch order (default 0)")
+                        help="the first seed of the initial weights and the batch order "
+                             "(default 0)")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help=f"how many seeds (--seed, --seed + 1, ...) train side by side, "
+                             f"each with its own initial weights and batch order (default "
+                             f"{defaults.seeds}; 1: a single run)")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help=f"SGD learning rate (default {defaults.lr}, our choice)")
     parser.add_argument("--engine", choices=ENGINES, default=defaults.engine,
@@ -67,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     use_one_thread()
     try:
-        settings = Settings(steps=args.steps, seed=args.seed, lr=args.lr, engine=args.engine)
+        settings = Settings(steps=args.steps, seed=args.seed, seeds=args.seeds, lr=args.lr,
+                            engine=args.engine)
     except ValueError as error:
         print(f"batchnorm paper: {error}", file=sys.stderr)
         return 2
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"batchnorm paper: {error}", file=sys.stderr)
         return 1
     print(f"data: {data.source}", file=sys.stderr)
-    result = run_experiment(data, settings, progress=not args.quiet)
+    result = run_experiment(data, settings, progress=not args.quiet, measure_bound=True)
 
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "figure1.json")

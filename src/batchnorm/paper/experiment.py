@@ -5,11 +5,15 @@ trained side by side on the same mini-batches from the same initial weights. Eve
 steps: test accuracy of both, and the 15th / 50th / 85th percentiles over the test set of the
 input to one sigmoid of the last hidden layer (the paper's Figure 1 (a), (b), (c)).
 
+Several seeds train at once: seed k (k = seed, seed + 1, ...) has its own initial weights and its
+own batch order, drawn exactly as a single run of seed k draws them, so each seed's numbers are
+those of that seed trained alone (tests/test_paper.py checks it for both engines).
+
 An engine (batchnorm.paper.torch_engine, batchnorm.paper.numpy_engine) provides
 
-    Engine(data: MnistData, init: InitialWeights, settings: Settings)
-    engine.step(batch: np.ndarray)        one SGD step of both networks on these train indices
-    engine.evaluate() -> Evaluation       test accuracies and the tracked sigmoid's inputs
+    Engine(data: MnistData, inits: list[InitialWeights], settings: Settings)   one init per seed
+    engine.step(batch: np.ndarray)        one SGD step of every network; batch (S, 60) indices
+    engine.evaluate() -> list[Evaluation] per seed: test accuracies, the tracked sigmoid's inputs
     engine.details: dict                  dtype, library versions, kernels (for the JSON)
 """
 
@@ -23,7 +27,8 @@ import numpy as np
 from batchnorm.paper.data import MnistData
 
 __all__ = ["Settings", "InitialWeights", "Evaluation", "History", "initial_weights",
-           "batch_stream", "run_experiment", "summarize", "ENGINES"]
+           "batch_stream", "BatchOrder", "run_experiment", "summarize", "summarize_seeds",
+           "format_summary", "ENGINES"]
 
 ENGINES = ("torch", "numpy")
 
@@ -44,13 +49,18 @@ class Settings:
     eval_every: int = 250                # ours: how often (a), (b), (c) are recorded
     tracked_unit: int = 0                # ours: which sigmoid of the last hidden layer is shown
     percentiles: tuple[float, ...] = (15.0, 50.0, 85.0)  # paper: {15, 50, 85}th percentiles
-    seed: int = 0                        # initial weights and batch order
+    seed: int = 0                        # the first seed: initial weights and batch order
+    seeds: int = 3                       # ours: seeds seed, seed + 1, ... trained side by side
     engine: str = "torch"
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.seeds))
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        for name in ("steps", "batch_size", "eval_every"):
+        for name in ("steps", "batch_size", "eval_every", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -73,8 +83,10 @@ class InitialWeights:
     weights: list[np.ndarray]     # float64
 
 
-def initial_weights(settings: Settings, inputs: int = 784, classes: int = 10) -> InitialWeights:
-    rng = np.random.default_rng([settings.seed, 0])
+def initial_weights(settings: Settings, inputs: int = 784, classes: int = 10,
+                    seed: int | None = None) -> InitialWeights:
+    """The initial weights of one seed (default settings.seed)."""
+    rng = np.random.default_rng([settings.seed if seed is None else seed, 0])
     sizes = (inputs, *settings.hidden, classes)
     return InitialWeights([rng.normal(0.0, settings.init_std, size=(fan_in, fan_out))
                            for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True)])
@@ -90,6 +102,28 @@ def batch_stream(n: int, batch_size: int, seed: int):
             queue = np.concatenate([queue, rng.permutation(n)])
         batch, queue = queue[:batch_size], queue[batch_size:]
         yield batch
+
+
+class BatchOrder:
+    """batch_stream's batches, many at a time: take(k) is the next k batches as (k, batch_size),
+    the same indices k calls of next(batch_stream(n, batch_size, seed)) give (the stream is the
+    concatenation of the permutations, cut into batches; here it is cut k batches at a time)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.rng = np.random.default_rng([seed, 1])
+        self.queue = np.empty(0, dtype=np.int64)
+
+    def take(self, k: int) -> np.ndarray:
+        need = k * self.batch_size
+        parts = [self.queue]
+        have = len(self.queue)
+        while have < need:
+            parts.append(self.rng.permutation(self.n))
+            have += self.n
+        queue = np.concatenate(parts)
+        taken, self.queue = queue[:need], queue[need:]
+        return taken.reshape(k, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -140,42 +174,78 @@ class ProgressBar:
         self.stream.flush()
 
 
-def make_engine(data: MnistData, init: InitialWeights, settings: Settings):
+BOUND_BURST = 10    # steps of matmuls alone timed after each evaluation (measure_bound)
+
+
+def make_engine(data: MnistData, inits: list[InitialWeights], settings: Settings):
     if settings.engine == "torch":
         from batchnorm.paper.torch_engine import TorchEngine
-        return TorchEngine(data, init, settings)
+        return TorchEngine(data, inits, settings)
     from batchnorm.paper.numpy_engine import NumpyEngine
-    return NumpyEngine(data, init, settings)
+    return NumpyEngine(data, inits, settings)
 
 
-def run_experiment(data: MnistData, settings: Settings, progress: bool = True) -> dict:
-    """Train both networks for settings.steps steps; return the result (JSON-ready dict)."""
-    engine = make_engine(data, initial_weights(settings), settings)
-    history = History()
-    history.record(0, engine.evaluate(), settings.percentiles)
+def run_experiment(data: MnistData, settings: Settings, progress: bool = True,
+                   measure_bound: bool = False) -> dict:
+    """Train both networks of every seed for settings.steps steps; return the result (a
+    JSON-ready dict: settings, timings, and per seed its history and summary).
+
+    measure_bound: also time the step's matrix products alone (the engines that can: torch),
+    in a short burst after every evaluation, so that the bound and the steps see the same load
+    on the machine: engine_details["matmul_ms_per_step"], the floor of a step (about 2% more
+    time in all)."""
+    seeds = settings.seed_list
+    inits = [initial_weights(settings, seed=seed) for seed in seeds]
+    engine = make_engine(data, inits, settings)
+    histories = [History() for _ in seeds]
+
+    def record(step):
+        for history, evaluation in zip(histories, engine.evaluate(), strict=True):
+            history.record(step, evaluation, settings.percentiles)
+
+    record(0)
     bar = ProgressBar(settings.steps) if progress else None
-    batches = batch_stream(len(data.y_train), settings.batch_size, settings.seed)
+    orders = [BatchOrder(len(data.y_train), settings.batch_size, seed) for seed in seeds]
     start = time.perf_counter()
-    for step in range(1, settings.steps + 1):
-        engine.step(next(batches))
-        if step % settings.eval_every == 0 or step == settings.steps:
-            history.record(step, engine.evaluate(), settings.percentiles)
-            if bar is not None:
-                bar.update(step, f"test acc {history.accuracy_plain[-1]:.3f} plain, "
-                                 f"{history.accuracy_bn[-1]:.3f} BN,")
+    step, step_seconds = 0, 0.0        # step_seconds: the SGD steps alone, no evaluations
+    bound_bursts = [] if measure_bound and hasattr(engine, "matmul_seconds_per_step") else None
+    while step < settings.steps:
+        # the batches up to the next evaluation, (k, S, batch_size): seed s's own order in [:, s]
+        k = min(settings.eval_every - step % settings.eval_every, settings.steps - step)
+        batches = np.stack([order.take(k) for order in orders], axis=1)
+        began = time.perf_counter()
+        for batch in batches:
+            engine.step(batch)
+        step_seconds += time.perf_counter() - began
+        step += k
+        record(step)
+        if bound_bursts is not None:
+            bound_bursts.append(engine.matmul_seconds_per_step(BOUND_BURST))
+        if bar is not None:
+            plain = np.mean([h.accuracy_plain[-1] for h in histories])
+            bn = np.mean([h.accuracy_bn[-1] for h in histories])
+            bar.update(step, f"test acc {plain:.3f} plain, {bn:.3f} BN (mean of {len(seeds)}),")
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    if bound_bursts:
+        engine.details["matmul_ms_per_step"] = float(np.mean(bound_bursts)) * 1e3
+        engine.details["matmul_bursts"] = f"{len(bound_bursts)} x {BOUND_BURST} steps"
     result = {
         "settings": asdict(settings),
+        "seeds": seeds,
         "data": data.source,
         "train_size": int(len(data.y_train)),
         "test_size": int(len(data.y_test)),
-        "wall_seconds": wall,
+        "wall_seconds": wall,            # the training loop, evaluations included
+        "step_seconds": step_seconds,    # engine.step alone
         "engine_details": engine.details,
-        "history": asdict(history),
+        "runs": [{"seed": seed, "history": asdict(history)}
+                 for seed, history in zip(seeds, histories, strict=True)],
     }
-    result["summary"] = summarize(result)
+    for run in result["runs"]:
+        run["summary"] = summarize(run["history"], settings.percentiles)
+    result["summary"] = summarize_seeds([run["summary"] for run in result["runs"]])
     return result
 
 
@@ -184,9 +254,10 @@ def run_experiment(data: MnistData, settings: Settings, progress: bool = True) -
 
 
 THRESHOLDS = (0.80, 0.85, 0.90)
-FINAL_EVALUATIONS = 10      # final accuracy: the mean of the last 10 evaluations
+FINAL_EVALUATIONS = 10      # final accuracy: the mean of the last 10 trained evaluations
 DRIFT_FROM = 5_000          # drift of the sigmoid input's distribution from this step to the end
 DRIFT_WINDOW = 5            # ... each end the mean of 5 evaluations (1,000 steps at 250)
+NETS = ("plain", "bn")
 
 
 def _first_step_reaching(steps, accuracies, threshold):
@@ -196,56 +267,126 @@ def _first_step_reaching(steps, accuracies, threshold):
     return None
 
 
-def _window_mean(steps, values: np.ndarray, step: int) -> np.ndarray:
-    """The mean of the DRIFT_WINDOW evaluations ending at the last one at or before step: single
-    evaluations are noisy (one batch moves the running statistics)."""
-    end = max(i for i, s in enumerate(steps) if s <= step) + 1
-    return values[max(0, end - DRIFT_WINDOW):end].mean(axis=0)
+def summarize(history: dict, percentiles=(15.0, 50.0, 85.0)) -> dict:
+    """One seed's final accuracies, steps to the thresholds, and drift of the median and the
+    spread of the tracked sigmoid's input (the paper's point: with BN the distribution stays put).
 
-
-def summarize(result: dict) -> dict:
-    """Final accuracies, steps to the thresholds, drift of median and spread of the tracked
-    sigmoid's input (the paper's point: with BN the distribution stays put).
-
-    Drift: (value at the end) - (value at step 5,000), each the mean over the 5 evaluations
-    ending there, for the median and for the p85 - p15 spread.
+    Final accuracy: the mean of the last FINAL_EVALUATIONS evaluations after step 0 (the
+    untrained network's evaluation never counts; a short run has fewer, final_evaluations says
+    how many). Drift: (value at the end) - (value at step DRIFT_FROM), each the mean over the
+    DRIFT_WINDOW evaluations ending there, for the median and for the p85 - p15 spread; None
+    when the run does not reach DRIFT_FROM or its end window would overlap the window at
+    DRIFT_FROM (a run of <= 6,000 steps at eval_every 250): such a run cannot show drift.
     """
-    history, settings = result["history"], result["settings"]
-    steps = history["steps"]
-    summary = {}
-    for net in ("plain", "bn"):
+    steps = list(history["steps"])
+    trained = [i for i, step in enumerate(steps) if step > 0][-FINAL_EVALUATIONS:]
+    summary = {"final_evaluations": len(trained),
+               "final_from_step": steps[trained[0]] if trained else None}
+    low, mid, high = (list(percentiles).index(q) for q in (15.0, 50.0, 85.0))
+    # the window at DRIFT_FROM ends at the last evaluation at or before it
+    at_from = [i for i, step in enumerate(steps) if step <= DRIFT_FROM][-1] + 1
+    drift = steps[-1] > DRIFT_FROM and len(steps) - DRIFT_WINDOW >= at_from
+    summary["drift_from_step"] = DRIFT_FROM if drift else None
+    for net in NETS:
         accuracies = history[f"accuracy_{net}"]
-        summary[f"final_accuracy_{net}"] = float(np.mean(accuracies[-FINAL_EVALUATIONS:]))
+        summary[f"final_accuracy_{net}"] = (float(np.mean([accuracies[i] for i in trained]))
+                                            if trained else None)
         for threshold in THRESHOLDS:
             summary[f"steps_to_{threshold:.2f}_{net}"] = _first_step_reaching(
                 steps, accuracies, threshold)
-        # percentiles are [p15, p50, p85] in settings["percentiles"] order
-        p = np.asarray(history[f"percentiles_{net}"])
-        low, mid, high = (list(settings["percentiles"]).index(q) for q in (15.0, 50.0, 85.0))
-        start = min(DRIFT_FROM, steps[-1])
-        begin, end = _window_mean(steps, p, start), _window_mean(steps, p, steps[-1])
-        summary[f"drift_from_step_{net}"] = start
-        summary[f"median_drift_{net}"] = float(end[mid] - begin[mid])
-        summary[f"spread_drift_{net}"] = float((end[high] - end[low]) - (begin[high] - begin[low]))
+        p = np.asarray(history[f"percentiles_{net}"])      # (evaluations, percentiles)
+        if drift:
+            begin = p[max(0, at_from - DRIFT_WINDOW):at_from].mean(axis=0)
+            end = p[-DRIFT_WINDOW:].mean(axis=0)
+            summary[f"median_drift_{net}"] = float(end[mid] - begin[mid])
+            summary[f"spread_drift_{net}"] = float((end[high] - end[low])
+                                                   - (begin[high] - begin[low]))
+        else:
+            summary[f"median_drift_{net}"] = summary[f"spread_drift_{net}"] = None
     return summary
 
 
+def _mean(values):
+    """The mean over seeds, None if any seed has none (a threshold never reached, no drift)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def summarize_seeds(summaries: list[dict]) -> dict:
+    """Per key: the mean over the seeds' summaries ({"mean": ..., "min": ..., "max": ...})."""
+    combined = {}
+    for key in summaries[0]:
+        values = [s[key] for s in summaries]
+        known = [v for v in values if v is not None]
+        combined[key] = {"mean": _mean(values),
+                         "min": min(known) if known else None,
+                         "max": max(known) if known else None,
+                         "reached": len(known)}
+    return combined
+
+
+def _cell(value, fmt):
+    return "never" if value is None else format(value, fmt)
+
+
 def format_summary(result: dict) -> str:
-    s, settings = result["summary"], result["settings"]
+    """The printed table: one column per seed and network, and the mean over seeds."""
+    settings, runs = result["settings"], result["runs"]
+    seeds = [run["seed"] for run in runs]
+    per_step = result["step_seconds"] / settings["steps"] * 1e3
+    threads = result["engine_details"].get("torch_threads")
     rows = [f"data: {result['data']}",
-            f"engine {settings['engine']}, seed {settings['seed']}, {settings['steps']} steps of "
-            f"batch {settings['batch_size']}, lr {settings['lr']}: {result['wall_seconds']:.1f} s",
-            "",
-            f"{'':34}{'without BN':>12}{'with BN':>12}",
-            f"{'final test accuracy (last 10 evals)':34}"
-            f"{s['final_accuracy_plain']:>12.4f}{s['final_accuracy_bn']:>12.4f}"]
+            f"engine {settings['engine']}, "
+            + (f"seed {seeds[0]}, " if len(seeds) == 1 else
+               f"seeds {', '.join(map(str, seeds))} side by side, ") +
+            f"{settings['steps']} steps of batch {settings['batch_size']}, lr {settings['lr']}: "
+            f"{result['wall_seconds']:.1f} s with evaluations; the steps alone "
+            f"{per_step:.2f} ms each (all {2 * len(seeds)} networks"
+            + (f", {threads} thread{'s' if threads != 1 else ''})" if threads else ")")]
+    bound = result["engine_details"].get("matmul_ms_per_step")
+    if bound:
+        rows.append(f"the same matrix products alone: {bound:.2f} ms per step, so a step "
+                    f"takes {per_step / bound:.2f}x the time of its matmuls")
+    columns = [f"seed {seed}" for seed in seeds] + (["mean"] if len(seeds) > 1 else [])
+    width = 34
+    rows += ["", " " * width + "".join(f"{c:>17}" for c in columns),
+             " " * width + "".join(f"{'plain':>8} {'BN':>8}" for _ in columns)]
+    mean = result["summary"]
+
+    def line(label, key, fmt):
+        pairs = [[run["summary"][f"{key}_{net}"] for net in NETS] for run in runs]
+        if len(seeds) > 1:
+            pairs.append([mean[f"{key}_{net}"]["mean"] for net in NETS])
+        return f"{label:<{width}}" + "".join(
+            f"{_cell(plain, fmt):>8} {_cell(bn, fmt):>8}" for plain, bn in pairs)
+
+    first = runs[0]["summary"]
+    final = first["final_evaluations"]
+    rows.append(line(f"final test accuracy (last {final} evals)" if final else
+                     "final test accuracy (no evals)", "final_accuracy", ".4f"))
     for threshold in THRESHOLDS:
-        cells = [s[f"steps_to_{threshold:.2f}_{net}"] for net in ("plain", "bn")]
-        cells = ["never" if c is None else str(c) for c in cells]
-        rows.append(f"{f'steps to test accuracy {threshold:.2f}':34}{cells[0]:>12}{cells[1]:>12}")
-    start = s["drift_from_step_plain"]
-    rows += [f"{f'median drift, step {start} -> end':34}"
-             f"{s['median_drift_plain']:>+12.3f}{s['median_drift_bn']:>+12.3f}",
-             f"{f'p85 - p15 drift, step {start} -> end':34}"
-             f"{s['spread_drift_plain']:>+12.3f}{s['spread_drift_bn']:>+12.3f}"]
+        rows.append(line(f"steps to test accuracy {threshold:.2f}",
+                         f"steps_to_{threshold:.2f}", ".0f"))
+    if first["drift_from_step"] is not None:
+        rows.append(line(f"median drift, step {DRIFT_FROM} -> end", "median_drift", "+.3f"))
+        rows.append(line(f"p85 - p15 drift, step {DRIFT_FROM} -> end", "spread_drift", "+.3f"))
+    if len(seeds) > 1:
+        rows.append("(mean: over the seeds; 'never' if a seed never got there)")
+    rows += _short_run_notes(settings, first)
     return "\n".join(rows)
+
+
+def _short_run_notes(settings: dict, summary: dict) -> list[str]:
+    """What a run too short for the paper's comparison can and cannot show."""
+    notes = []
+    final = summary["final_evaluations"]
+    if final < FINAL_EVALUATIONS:
+        notes.append(f"short run: the final accuracy is the mean of {final} evaluation"
+                     f"{'s' if final != 1 else ''} from step {summary['final_from_step']} on "
+                     f"(not yet converged; a full run averages the last {FINAL_EVALUATIONS}).")
+    if summary["drift_from_step"] is None:
+        needed = DRIFT_FROM + DRIFT_WINDOW * settings["eval_every"]
+        notes.append(f"no drift rows: the drift compares the tracked input from step "
+                     f"{DRIFT_FROM} to the end and needs at least {needed} steps; a shorter "
+                     f"run shows the accuracy curves, BN's head start (the steps to each "
+                     f"threshold) and the percentiles of panels (b) and (c), not their drift.")
+    return [""] + notes if notes else []

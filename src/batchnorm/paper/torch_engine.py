@@ -1,90 +1,268 @@
-"""The Figure 1 networks in torch, with this package's batchnorm.BatchNorm1d (the production path).
+"""The Figure 1 networks in torch, float32: S seeds of both networks in one set of tensors.
 
-Both networks train in float32, with plain SGD, on the same batches. One backward call serves
-both: their losses are summed (they share no parameter, so each gets exactly its own gradient),
-which halves the autograd engine's per-step overhead on these small (60, 100) tensors.
+Each layer's weights of all seeds are one (S, fan_in, fan_out) tensor, so a layer of S networks
+is one batched matmul (S, 60, fan_in) @ (S, fan_in, fan_out). The first layer goes further: the
+plain and the BN network see the same batch, so their first weights sit side by side as
+(S, 784, 2 * 100) and one matmul serves both ([..., :100] plain, [..., 100:] BN).
+
+Batch norm is this package's batchnorm.BatchNorm1d (the production path), one layer of S * 100
+channels per hidden layer: the S seeds' (60, 100) pre-activations laid side by side along the
+channel axis as (60, S * 100), channel s * 100 + j being unit j of seed s. BN normalizes each
+channel by its own batch statistics and has its own gamma, beta and running statistics per
+channel, so this is exactly S separate BatchNorm1d(100) layers: the note's "per-dimension"
+normalization at work. Its forward and backward run through autograd (the layer's own
+autograd.Function); everything else is written out by hand under no_grad: at (60, 100) a
+training step is dominated by the per-call cost of each torch call, not by arithmetic, so the
+step makes few, large calls into preallocated buffers, and each backward step mirrors its
+forward step.
 """
+
+import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from batchnorm import kernels
+from batchnorm import kernels, ops
 from batchnorm.nn import BatchNorm1d
 from batchnorm.paper.data import MnistData
-from batchnorm.paper.experiment import Evaluation, InitialWeights, Settings
+from batchnorm.paper.experiment import NETS, Evaluation, InitialWeights, Settings
 
-__all__ = ["SigmoidNet", "TorchEngine"]
+__all__ = ["TorchEngine", "bn_train_forward", "bn_train_backward"]
 
 
-class SigmoidNet(nn.Module):
-    """784-100-100-100-10: Linear (+ BatchNorm1d) + sigmoid per hidden layer, then Linear.
+def _stack(inits: list[InitialWeights], layer: int) -> torch.Tensor:
+    """(S, fan_in, fan_out) float32: layer `layer` of every seed."""
+    return torch.from_numpy(np.stack([init.weights[layer] for init in inits])).float()
 
-    With batch_norm=True the hidden Linear layers have no bias: BN subtracts the batch mean, which
-    would cancel it, and beta takes its place.
-    """
 
-    def __init__(self, init: InitialWeights, batch_norm: bool, settings: Settings):
-        super().__init__()
-        self.hidden = nn.ModuleList()
-        for w in init.weights[:-1]:
-            fan_in, fan_out = w.shape
-            linear = nn.Linear(fan_in, fan_out, bias=not batch_norm)
-            norm = (BatchNorm1d(fan_out, eps=settings.eps, momentum=settings.momentum)
-                    if batch_norm else nn.Identity())
-            self.hidden.append(nn.Sequential(linear, norm))
-        self.output = nn.Linear(*init.weights[-1].shape)
-        with torch.no_grad():
-            linears = [block[0] for block in self.hidden] + [self.output]
-            for linear, w in zip(linears, init.weights, strict=True):
-                linear.weight.copy_(torch.from_numpy(w.T))  # torch stores (fan_out, fan_in)
-                if linear.bias is not None:
-                    linear.bias.zero_()
+def bn_train_forward(norm: BatchNorm1d, z: torch.Tensor):
+    """What norm(z) does in training, with its own weight, bias and buffers (running statistics
+    updated in place), as one call of the op its forward ends in: batchnorm::forward_train.
+    Returns (u, mean, invstd) for bn_train_backward. No autograd bookkeeping (at (60, 300) it
+    costs more than the kernels); tests/test_paper.py checks both against norm(z) and autograd."""
+    u, mean, _, invstd, _ = ops.forward_train(
+        z, norm.weight, norm.bias, None, False, norm.eps, norm.running_mean, norm.running_var,
+        norm.num_batches_tracked, norm.momentum)
+    return u, mean, invstd
 
-    def sigmoid_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 100): the inputs to the last hidden layer's sigmoids (after BN, if any)."""
-        for block in self.hidden[:-1]:
-            x = torch.sigmoid(block(x))
-        return self.hidden[-1](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(torch.sigmoid(self.sigmoid_inputs(x)))   # (N, 10) logits
+def bn_train_backward(norm: BatchNorm1d, du: torch.Tensor, z: torch.Tensor, mean, invstd):
+    """(dL/dz, dL/dgamma, dL/dbeta): the backward of norm(z), batchnorm::backward_train."""
+    dz, sum_du, sum_du_xhat = ops.backward_train(du, z, mean, invstd, norm.weight, None)
+    return dz, sum_du_xhat, sum_du
 
 
 class TorchEngine:
-    def __init__(self, data: MnistData, init: InitialWeights, settings: Settings):
+    def __init__(self, data: MnistData, inits: list[InitialWeights], settings: Settings):
         self.settings = settings
-        self.x_train = torch.from_numpy(data.x_train)
-        self.y_train = torch.from_numpy(data.y_train)
+        S = self.seeds = len(inits)
+        layers = len(inits[0].weights)
+        self.width = C = inits[0].weights[0].shape[1]
+        if any(w.shape[1] != C for w in inits[0].weights[:-1]):
+            raise ValueError("the torch engine lays hidden layers side by side: they must all "
+                             f"have one width, got {[w.shape for w in inits[0].weights]}")
+        self.x_train = torch.from_numpy(data.x_train)                       # (N, 784)
+        self.onehot_train = torch.eye(10)[torch.from_numpy(data.y_train)]   # (N, 10)
         self.x_test = torch.from_numpy(data.x_test)
         self.y_test = torch.from_numpy(data.y_test)
-        self.plain = SigmoidNet(init, batch_norm=False, settings=settings)
-        self.bn = SigmoidNet(init, batch_norm=True, settings=settings)
-        parameters = list(self.plain.parameters()) + list(self.bn.parameters())
-        self.optimizer = torch.optim.SGD(parameters, lr=settings.lr)
+        N = self.batch_size = settings.batch_size
+        outputs = inits[0].weights[-1].shape[1]
+
+        # Parameters; both networks start from the same weights. Layer 1 of both networks side
+        # by side, [W_plain | W_bn], and its bias [b_plain | 0]: the BN network has no hidden
+        # bias (beta takes its place), so its half stays 0 (its gradient is never written).
+        # Weights are updated inside their gradient's matmul (w += -lr * a^T dz, one baddbmm_);
+        # the biases are views of one vector, updated in one call; gamma and beta in another.
+        first = _stack(inits, 0)
+        self.w_first = torch.cat([first, first], dim=2)                    # (S, 784, 200)
+        self.w = {net: [_stack(inits, i) for i in range(1, layers)] for net in NETS}
+        self.w_t = {net: [w.transpose(1, 2) for w in self.w[net]] for net in NETS}   # views
+        shapes = {"b_first": (S, 1, 2 * C),
+                  **{f"b_plain{i}": (S, 1, C) for i in range(1, layers - 1)},
+                  "b_out_plain": (S, 1, outputs), "b_out_bn": (S, 1, outputs)}
+        self.small = torch.zeros(sum(int(np.prod(shape)) for shape in shapes.values()))
+        self.small_grad = torch.zeros_like(self.small)
+        self.p, self.g = {}, {}                   # parameter and gradient views, by name
+        offset = 0
+        for name, shape in shapes.items():
+            size = int(np.prod(shape))
+            self.p[name] = self.small[offset:offset + size].view(shape)
+            self.g[name] = self.small_grad[offset:offset + size].view(shape)
+            offset += size
+        p = self.p
+        self.norms = [BatchNorm1d(S * C, eps=settings.eps, momentum=settings.momentum)
+                      for _ in range(layers - 1)]
+        self.norm_parameters = [t.data for norm in self.norms for t in (norm.weight, norm.bias)]
+        self.b_plain = [p["b_first"][..., :C]] + [p[f"b_plain{i}"] for i in range(1, layers - 1)]
+        self.gb_plain = ([self.g["b_first"][..., :C]]
+                         + [self.g[f"b_plain{i}"] for i in range(1, layers - 1)])
+        self.b_out = {"plain": p["b_out_plain"], "bn": p["b_out_bn"]}
+        self.gb_out = {"plain": self.g["b_out_plain"], "bn": self.g["b_out_bn"]}
+        # work buffers
+        self.x = torch.empty(S * N, self.x_train.shape[1])            # (S * 60, 784)
+        self.x_t = self.x.view(S, N, -1).transpose(1, 2)               # (S, 784, 60) view
+        self.onehot = torch.empty(S * N, outputs)
+        self.z_first = torch.empty(S, N, 2 * C)
+        self.dz_first = torch.empty(S, N, 2 * C)
+        self.logits = torch.empty(2, S, N, outputs)                     # [plain, bn]
+        self.z_side = [torch.empty(N, S * C) for _ in self.norms]       # BN inputs, (60, S * 100)
+        self.du_side = torch.empty(N, S * C)                             # BN's output gradient
         self.details = {"dtype": "float32", "torch": torch.__version__,
                         "bn_kernels": kernels.backend_name(self.x_train),
                         "torch_threads": torch.get_num_threads()}
 
-    def step(self, batch: np.ndarray) -> None:
-        index = torch.from_numpy(batch)
-        x, y = self.x_train[index], self.y_train[index]            # (60, 784), (60,)
-        self.plain.train()
-        self.bn.train()
-        loss = (nn.functional.cross_entropy(self.plain(x), y)
-                + nn.functional.cross_entropy(self.bn(x), y))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    # ------------------------------------------------------------------------------------------
+    # layout: (S, N, 100) per seed <-> (N, S * 100) side by side
+
+    def _side_by_side(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(S, N, 100) -> (N, S * 100), channel s * 100 + j = unit j of seed s (a copy)."""
+        S, N, C = z.shape
+        if out is None:
+            out = torch.empty(N, S * C)
+        out.view(N, S, C).copy_(z.transpose(0, 1))
+        return out
+
+    def _per_seed(self, u: torch.Tensor) -> torch.Tensor:
+        """(N, S * 100) -> (S, N, 100), a strided view (bmm reads it without a copy)."""
+        return u.view(u.shape[0], self.seeds, self.width).transpose(0, 1)
+
+    # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> Evaluation:
-        unit = self.settings.tracked_unit
-        accuracies, inputs = [], []
-        for net in (self.plain, self.bn):
-            net.eval()   # BN normalizes with its running statistics
-            pre = net.sigmoid_inputs(self.x_test)                    # (N_test, 100)
-            logits = net.output(torch.sigmoid(pre))
-            accuracies.append((logits.argmax(1) == self.y_test).double().mean().item())
-            inputs.append(pre[:, unit].double().numpy())
-        return Evaluation(accuracies[0], accuracies[1], inputs[0], inputs[1])
+    def step(self, batch: np.ndarray) -> None:
+        """One SGD step of all 2 * S networks; batch (S, 60): seed s's train indices in row s."""
+        S, N, C = self.seeds, self.batch_size, self.width
+        index = torch.from_numpy(batch).view(-1)
+        torch.index_select(self.x_train, 0, index, out=self.x)
+        torch.index_select(self.onehot_train, 0, index, out=self.onehot)
+        x = self.x.view(S, N, -1)                                         # (S, 60, 784)
+        p, w, w_t, lr = self.p, self.w, self.w_t, self.settings.lr
+        # layer 1 of both networks: [z_plain + b | z_bn] (S, 60, 200)
+        torch.baddbmm(p["b_first"], x, self.w_first, out=self.z_first)
+
+        # forward, plain: z = h W + b; a = sigmoid(z)
+        a, plain_acts = torch.sigmoid(self.z_first[..., :C]), []
+        plain_acts.append(a)
+        for i, b in enumerate(self.b_plain[1:]):
+            a = torch.sigmoid(torch.baddbmm(b, a, w["plain"][i]))          # (S, 60, 100)
+            plain_acts.append(a)
+        torch.baddbmm(self.b_out["plain"], a, w["plain"][-1], out=self.logits[0])
+
+        # forward, BN: z = h W; u = BN(z) on (60, S * 100); a = sigmoid(u)
+        z, bn_tape = self.z_first[..., C:], []
+        for i, norm in enumerate(self.norms):
+            if i > 0:                                  # a: (60, S * 100), read per seed
+                z = torch.bmm(self._per_seed(a), w["bn"][i - 1])           # (S, 60, 100)
+            z_side = self._side_by_side(z, out=self.z_side[i])             # (60, S * 100)
+            u, mean, invstd = bn_train_forward(norm, z_side)   # S BN layers of 100 as one
+            a = torch.sigmoid(u)                                           # (60, S * 100)
+            bn_tape.append((z_side, mean, invstd, a))
+        torch.baddbmm(self.b_out["bn"], self._per_seed(a), w["bn"][-1], out=self.logits[1])
+
+        # softmax cross-entropy, mean over each seed's batch: dL/dlogits = (softmax - onehot) / N
+        # (softmax written out: torch.softmax over a last axis of 10 costs 4x more here)
+        e = torch.sub(self.logits, self.logits.amax(3, keepdim=True)).exp_()   # cannot overflow
+        d_logits = e.div_(e.sum(3, keepdim=True)).sub_(self.onehot.view(S, N, -1)).div_(N)
+
+        # backward, in mirrored order
+        norm_grads = [None] * len(self.norm_parameters)
+        for net, d, acts in (("plain", d_logits[0], plain_acts),
+                             ("bn", d_logits[1], [self._per_seed(t[3]) for t in bn_tape])):
+            torch.sum(d, 1, keepdim=True, out=self.gb_out[net])
+            dh = torch.bmm(d, w_t[net][-1])                                # (S, 60, 100)
+            w[net][-1].baddbmm_(acts[-1].transpose(1, 2), d, alpha=-lr)    # SGD: W -= lr a^T d
+            for i in reversed(range(len(acts))):
+                if net == "plain":                         # back through sigmoid (layer 1: into
+                    dz = (torch.ops.aten.sigmoid_backward(dh, acts[i]) if i else   # dz_first)
+                          torch.ops.aten.sigmoid_backward.grad_input(
+                              dh, acts[i], grad_input=self.dz_first[..., :C]))
+                    torch.sum(dz, 1, keepdim=True, out=self.gb_plain[i])   # back through + b
+                else:
+                    z_side, mean, invstd, a = bn_tape[i]
+                    du = self.du_side                      # back through sigmoid, side by side
+                    torch.ops.aten.sigmoid_backward.grad_input(
+                        dh.transpose(0, 1), a.view(N, S, C), grad_input=du.view(N, S, C))
+                    dz_side, d_gamma, d_beta = bn_train_backward(      # back through BN
+                        self.norms[i], du, z_side, mean, invstd)
+                    norm_grads[2 * i:2 * i + 2] = d_gamma, d_beta
+                    dz = self._per_seed(dz_side)                           # (S, 60, 100) view
+                if i == 0:                                 # layer 1: both networks at once
+                    if net == "bn":
+                        self.dz_first[..., C:] = dz
+                else:                                                      # back through h W
+                    dh = torch.bmm(dz, w_t[net][i - 1])      # with W before its update
+                    w[net][i - 1].baddbmm_(acts[i - 1].transpose(1, 2), dz, alpha=-lr)
+        self.w_first.baddbmm_(self.x_t, self.dz_first, alpha=-lr)          # (S, 784, 200)
+
+        # SGD for the biases in one call (the BN half of b_first's gradient is never written: it
+        # stays 0, and so does that half of b_first), for gamma and beta in another
+        self.small.add_(self.small_grad, alpha=-lr)
+        torch._foreach_add_(self.norm_parameters, norm_grads, alpha=-lr)
+
+    @torch.no_grad()
+    def evaluate(self) -> list[Evaluation]:
+        """Per seed: test accuracies and the tracked sigmoid's inputs, BN on running stats."""
+        unit, C, p, w = self.settings.tracked_unit, self.width, self.p, self.w
+        x = self.x_test.expand(self.seeds, *self.x_test.shape)       # (S, N_test, 784)
+        z_first = torch.baddbmm(p["b_first"], x, self.w_first)      # (S, N_test, 200)
+        # plain
+        pre_plain = z_first[..., :C]
+        for i, b in enumerate(self.b_plain[1:]):
+            pre_plain = torch.baddbmm(b, torch.sigmoid(pre_plain), w["plain"][i])
+        logits_plain = torch.baddbmm(self.b_out["plain"], torch.sigmoid(pre_plain),
+                                     w["plain"][-1])
+        # BN: normalizes with its running statistics (the module in eval mode)
+        pre_bn = z_first[..., C:]
+        for i, norm in enumerate(self.norms):
+            z = pre_bn if i == 0 else torch.bmm(torch.sigmoid(pre_bn), w["bn"][i - 1])
+            norm.eval()
+            pre_bn = self._per_seed(norm(self._side_by_side(z)))     # (S, N_test, 100)
+            norm.train()
+        logits_bn = torch.baddbmm(self.b_out["bn"], torch.sigmoid(pre_bn), w["bn"][-1])
+        accuracy_plain = (logits_plain.argmax(2) == self.y_test).double().mean(1)   # (S,)
+        accuracy_bn = (logits_bn.argmax(2) == self.y_test).double().mean(1)
+        return [Evaluation(accuracy_plain[s].item(), accuracy_bn[s].item(),
+                           pre_plain[s, :, unit].double().numpy(),
+                           pre_bn[s, :, unit].double().numpy())
+                for s in range(self.seeds)]
+
+    # ------------------------------------------------------------------------------------------
+
+    def matmul_seconds_per_step(self, repeats: int = 500) -> float:
+        """The floor of step(): the same batched matrix products it makes (forward, weight
+        gradients with their SGD update, input gradients of layers 2-4, both networks), on the
+        same shapes, strides and threads, and nothing else; the mean over `repeats` steps after
+        2 untimed ones. Works on copies: the engine's weights are not changed."""
+        S, N, C = self.seeds, self.batch_size, self.width
+        w = {net: [t.clone() for t in self.w[net]] for net in NETS}
+        w_t = {net: [t.transpose(1, 2) for t in w[net]] for net in NETS}
+        w_first = self.w_first.clone()
+        side = torch.rand(N, S * C)                        # a BN activation, side by side
+        acts = {"plain": torch.rand(S, N, C), "bn": self._per_seed(side)}
+        grads = {"plain": torch.rand(S, N, C), "bn": self._per_seed(side.clone())}
+        d_out = torch.rand(S, N, self.logits.shape[3]) * 1e-3
+        z_first, logits = torch.empty_like(self.z_first), torch.empty_like(self.logits)
+        x = self.x_train[:S * N].reshape(S, N, -1)
+        x_t, dz_first = x.transpose(1, 2), torch.rand_like(self.dz_first) * 1e-3
+
+        def one_step():
+            torch.baddbmm(self.p["b_first"], x, w_first, out=z_first)        # layer 1, both
+            for k, net in enumerate(NETS):
+                a, d = acts[net], grads[net]
+                for weights in w[net][:-1]:
+                    torch.bmm(a, weights)                                    # layers 2, 3
+                torch.baddbmm(self.b_out[net], a, w[net][-1], out=logits[k])  # layer 4
+                torch.bmm(d_out, w_t[net][-1])                                # back: layer 4
+                w[net][-1].baddbmm_(a.transpose(1, 2), d_out, alpha=-1e-6)
+                for i in reversed(range(len(w[net]) - 1)):                   # back: layers 3, 2
+                    torch.bmm(d, w_t[net][i])
+                    w[net][i].baddbmm_(a.transpose(1, 2), d, alpha=-1e-6)
+            w_first.baddbmm_(x_t, dz_first, alpha=-1e-6)                      # back: layer 1
+
+        with torch.no_grad():
+            for _ in range(2):
+                one_step()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                one_step()
+            return (time.perf_counter() - start) / repeats
