@@ -34,6 +34,7 @@ code (inductor's own Triton kernels).
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -262,12 +263,19 @@ def measure_copy_bandwidth(device, self_check=False) -> float:
 def run(args) -> int:
     from batchnorm import kernels
 
+    with contextlib.ExitStack() as stack:
+        if args.self_check:  # CPU tensors on the Triton kernels (interpreted), restored after
+            stack.enter_context(kernels.serving(
+                "cpu", importlib.import_module("batchnorm.kernels.triton"), "triton"))
+        return _run(args)
+
+
+def _run(args) -> int:
+    from batchnorm import kernels
+
     if args.self_check:
         device, shapes, name = torch.device("cpu"), [((3, 5, 7), 2)], "cpu (self-check)"
         # CPU tensors on the Triton kernels (interpreted), as CUDA tensors are on a GPU
-        serving = kernels.serving("cpu", importlib.import_module("batchnorm.kernels.triton"),
-                                  "triton")
-        serving.__enter__()  # for the rest of this process (a dry run)
     else:
         device, shapes = torch.device("cuda"), QUICK if args.quick else RESNET50_BN
         name = torch.cuda.get_device_properties(device).name

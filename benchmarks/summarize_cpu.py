@@ -58,5 +58,21 @@ def main(path: str) -> None:
               + (": " + "; ".join(slower) if slower else ""))
 
 
+def table(path: str) -> None:
+    """Every row as a markdown table (ms, ratios, spread; noisy rows marked)."""
+    rows = json.load(open(path))["rows"]
+    print("| shape | layout | mode | threads | ours ms | torch.nn ms | vs torch.nn | vs ours unfused "
+          "| x roofline | spread |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        unfused = f"{r['speedup_vs_unfused']:.2f}" if "speedup_vs_unfused" in r else ""
+        noisy = " (noisy)" if r.get("noisy") else ""
+        print(f"| {r['shape']} | {r['layout']} | {r['mode']} | {r['threads']} | "
+              f"{r['ours_ms']:.3f} | {r['torch_ms']:.3f} | {r['speedup_vs_torch']:.2f} | "
+              f"{unfused} | {r['x_roofline']:.2f} | {r['spread']:.0%}{noisy} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results_cpu.json")
+    args = [a for a in sys.argv[1:] if a != "--table"]
+    source = args[0] if args else "benchmarks/results_cpu.json"
+    table(source) if "--table" in sys.argv else main(source)

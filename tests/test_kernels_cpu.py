@@ -458,3 +458,20 @@ def test_python_autograd_path_matches_torch():
     done = subprocess.run([sys.executable, "-c", script], timeout=300,
                           env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 700, 701), (8, 8, 256, 256)])
+def test_large_float32_outputs_streamed(shape):
+    # Outputs of 16 MB and more are written with non-temporal stores from each run's first
+    # aligned element on (S = 490700: unaligned runs; S = 65536: aligned ones).
+    x, dy, res, w, b, _, _ = _inputs(shape, "contiguous", torch.float32, seed=9)
+    n = _count(shape)
+    y, mean, m2, invstd, _ = ops.forward_train(x, w, b, res, True, 1e-5, None, None, None, 0.1)
+    ref = _reference("forward_train", x, w, b, res, True, 1e-5, None, None, None, 0.1)
+    assert_close(y, ref[0], torch.float32, n, "output")
+    dx, *_ = ops.backward_train(dy, x, mean, invstd, w, y)
+    ref_dx = _reference("backward_train", dy, x, mean, invstd, w, y)[0]
+    assert_close(dx, ref_dx, torch.float32, n, "grad_input")
+    y2 = ops.elemt(x, mean, invstd, w, b, None, False)
+    assert_close(y2, _reference("elemt", x, mean, invstd, w, b, None, False), torch.float32,
+                 what="elemt")

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -60,6 +61,47 @@ template <>
 struct IO<c10::Half> : ReducedIO<c10::Half> {};
 template <>
 struct IO<c10::BFloat16> : ReducedIO<c10::BFloat16> {};
+
+// Non-temporal stores for large float32 outputs: a written line goes to memory without being
+// read first (a normal store reads the line before writing it, one third more traffic). Only for
+// outputs far larger than the caches (the next layer would read them from memory anyway), in the
+// (N, C, S) layout, from the first 64-byte boundary of each run on (the head uses plain stores).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+template <typename T>
+bool streaming(const Layout& L, const T* y) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t W = Vectorized<float>::size();
+  return std::is_same_v<T, float> && !L.rows && L.S >= 4 * W &&
+         L.N * L.C * L.S * int64_t(sizeof(T)) >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(y) % sizeof(float) == 0;
+#else
+  return false;
+#endif
+}
+
+template <typename T, typename V>
+void store_streaming(T* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
+#endif
+}
+
+// Values before the first vector-aligned element of out + base (plain stores for them).
+template <typename T>
+int64_t aligned_head(const T* out, int64_t S) {
+  constexpr int64_t bytes = Vectorized<float>::size() * int64_t(sizeof(float));
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % bytes);
+  return std::min<int64_t>(S, misaligned == 0 ? 0 : (bytes - misaligned) / int64_t(sizeof(T)));
+}
+
+void fence_streaming() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // the streamed lines are visible before the kernel returns
+#endif
+}
 
 template <typename V>
 double horizontal_sum(const V& v) {
@@ -185,14 +227,26 @@ void channel_elemt(const T* x, const T* residual, T* y, const Layout& L, int64_t
   using V = typename io::V;
   constexpr int64_t W = V::size();
   const V vmean(mean), vscale(scale), vshift(shift), zero(A(0));
+  const bool stream = streaming(L, y);
   for (int64_t i = 0; i < L.N; ++i) {
     const int64_t base = (i * L.C + c) * L.S;
     int64_t s = 0;
+    const int64_t head = stream ? aligned_head(y + base, L.S) : 0;
+    for (; s < head; ++s) {
+      A v = (static_cast<A>(x[base + s]) - mean) * scale + shift;
+      if constexpr (kResidual) v += static_cast<A>(residual[base + s]);
+      if constexpr (kRelu) v = v < 0 ? A(0) : v;
+      y[base + s] = static_cast<T>(v);
+    }
     for (; s + W <= L.S; s += W) {
       V v = at::vec::fmadd(io::load(x + base + s) - vmean, vscale, vshift);
       if constexpr (kResidual) v = v + io::load(residual + base + s);
       if constexpr (kRelu) v = at::vec::maximum(v, zero);
-      io::store(y + base + s, v);
+      if (stream) {
+        store_streaming(y + base + s, v);
+      } else {
+        io::store(y + base + s, v);
+      }
     }
     for (; s < L.S; ++s) {
       A v = (static_cast<A>(x[base + s]) - mean) * scale + shift;
@@ -201,6 +255,7 @@ void channel_elemt(const T* x, const T* residual, T* y, const Layout& L, int64_t
       y[base + s] = static_cast<T>(v);
     }
   }
+  if (stream) fence_streaming();
 }
 
 // dy where the fused ReLU passed the value (output > 0), 0 elsewhere.
@@ -259,14 +314,25 @@ void channel_grad_input(const T* dy, const T* x, const T* output, T* dx, const L
   using V = typename io::V;
   constexpr int64_t W = V::size();
   const V vmean(mean), vk(k), vc1(c1), vc2(c2);
+  const bool stream = streaming(L, dx);
   for (int64_t i = 0; i < L.N; ++i) {
     const int64_t base = (i * L.C + c) * L.S;
     int64_t s = 0;
+    const int64_t head = stream ? aligned_head(dx + base, L.S) : 0;
+    for (; s < head; ++s) {
+      A g = static_cast<A>(dy[base + s]);
+      if constexpr (kMask) g = static_cast<A>(output[base + s]) > 0 ? g : A(0);
+      dx[base + s] = static_cast<T>(g * k + c1 - (static_cast<A>(x[base + s]) - mean) * c2);
+    }
     for (; s + W <= L.S; s += W) {
       V g = io::load(dy + base + s);
       if constexpr (kMask) g = masked(g, io::load(output + base + s));
       const V v = at::vec::fmadd(g, vk, vc1) - (io::load(x + base + s) - vmean) * vc2;
-      io::store(dx + base + s, v);
+      if (stream) {
+        store_streaming(dx + base + s, v);
+      } else {
+        io::store(dx + base + s, v);
+      }
     }
     for (; s < L.S; ++s) {
       A g = static_cast<A>(dy[base + s]);
@@ -274,11 +340,36 @@ void channel_grad_input(const T* dy, const T* x, const T* output, T* dx, const L
       dx[base + s] = static_cast<T>(g * k + c1 - (static_cast<A>(x[base + s]) - mean) * c2);
     }
   }
+  if (stream) fence_streaming();
 }
 
 // ---------------------------------------------------------------------------------------------
 // (M, C): ranges of rows
 // ---------------------------------------------------------------------------------------------
+
+// Two per-channel sums over rows, in lanes of the compute precision for up to kFlushRows rows,
+// then added into the caller's doubles (so float32 rounding never accumulates over many rows).
+template <typename A>
+struct RowSums {
+  std::vector<A> first, second;
+  double* total_first;
+  double* total_second;
+  int64_t pending = 0;
+
+  RowSums(int64_t C, double* a, double* b)
+      : first(C, A(0)), second(C, A(0)), total_first(a), total_second(b) {}
+  void flush() {
+    for (size_t c = 0; c < first.size(); ++c) {
+      total_first[c] += first[c];
+      total_second[c] += second[c];
+      first[c] = second[c] = A(0);
+    }
+    pending = 0;
+  }
+  void row_done() {
+    if (++pending == kFlushRows) flush();
+  }
+};
 
 // Adds the shifted sums of rows [r0, r1) into sum / sum_sq (C doubles each).
 template <typename T>
@@ -288,34 +379,23 @@ void rows_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const Acc<T>* s
   using io = IO<T>;
   using V = typename io::V;
   constexpr int64_t W = V::size();
-  std::vector<A> lane_sum(C, A(0)), lane_sq(C, A(0));
-  auto flush = [&] {
-    for (int64_t c = 0; c < C; ++c) {
-      sum[c] += lane_sum[c];
-      sum_sq[c] += lane_sq[c];
-      lane_sum[c] = lane_sq[c] = A(0);
-    }
-  };
-  int64_t pending = 0;
+  RowSums<A> lanes(C, sum, sum_sq);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = x + r * C;
     int64_t c = 0;
     for (; c + W <= C; c += W) {
       const V d = io::load(row + c) - V::loadu(shift + c);
-      (V::loadu(lane_sum.data() + c) + d).store(lane_sum.data() + c);
-      at::vec::fmadd(d, d, V::loadu(lane_sq.data() + c)).store(lane_sq.data() + c);
+      (V::loadu(lanes.first.data() + c) + d).store(lanes.first.data() + c);
+      at::vec::fmadd(d, d, V::loadu(lanes.second.data() + c)).store(lanes.second.data() + c);
     }
     for (; c < C; ++c) {
       const A d = static_cast<A>(row[c]) - shift[c];
-      lane_sum[c] += d;
-      lane_sq[c] += d * d;
+      lanes.first[c] += d;
+      lanes.second[c] += d * d;
     }
-    if (++pending == kFlushRows) {
-      flush();
-      pending = 0;
-    }
+    lanes.row_done();
   }
-  flush();
+  lanes.flush();
 }
 
 // Runs f(r0, r1, partial) over row ranges of M rows on torch's pool; partial points to the
@@ -405,38 +485,27 @@ void rows_grad_sums(const T* dy, const T* x, const T* output, int64_t C, int64_t
   using io = IO<T>;
   using V = typename io::V;
   constexpr int64_t W = V::size();
-  std::vector<A> lane_dy(C, A(0)), lane_dy_xmu(C, A(0));
-  auto flush = [&] {
-    for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += lane_dy[c];
-      sum_dy_xmu[c] += lane_dy_xmu[c];
-      lane_dy[c] = lane_dy_xmu[c] = A(0);
-    }
-  };
-  int64_t pending = 0;
+  RowSums<A> lanes(C, sum_dy, sum_dy_xmu);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t base = r * C;
     int64_t c = 0;
     for (; c + W <= C; c += W) {
       V g = io::load(dy + base + c);
       if constexpr (kMask) g = masked(g, io::load(output + base + c));
-      (V::loadu(lane_dy.data() + c) + g).store(lane_dy.data() + c);
+      (V::loadu(lanes.first.data() + c) + g).store(lanes.first.data() + c);
       at::vec::fmadd(g, io::load(x + base + c) - V::loadu(mean + c),
-                     V::loadu(lane_dy_xmu.data() + c))
-          .store(lane_dy_xmu.data() + c);
+                     V::loadu(lanes.second.data() + c))
+          .store(lanes.second.data() + c);
     }
     for (; c < C; ++c) {
       A g = static_cast<A>(dy[base + c]);
       if constexpr (kMask) g = static_cast<A>(output[base + c]) > 0 ? g : A(0);
-      lane_dy[c] += g;
-      lane_dy_xmu[c] += g * (static_cast<A>(x[base + c]) - mean[c]);
+      lanes.first[c] += g;
+      lanes.second[c] += g * (static_cast<A>(x[base + c]) - mean[c]);
     }
-    if (++pending == kFlushRows) {
-      flush();
-      pending = 0;
-    }
+    lanes.row_done();
   }
-  flush();
+  lanes.flush();
 }
 
 template <typename T, bool kMask>
