@@ -24,7 +24,7 @@ def main(path: str) -> None:
     for r in rows:
         by.setdefault(r["threads"], []).append(r)
     for threads, rs in sorted(by.items()):
-        def pick(mode):
+        def pick(mode, rs=rs):
             return [r for r in rs if r["mode"] == mode and "speedup_vs_torch" in r]
         train, evals, relu = pick("train-fwd-bwd"), pick("eval-fwd"), pick("relu-fwd-bwd")
         noisy = [r for r in rs if r.get("noisy")]
@@ -33,12 +33,15 @@ def main(path: str) -> None:
         big = [r["x_roofline"] for r in rs if r["bytes"] >= 8 << 20 and "x_roofline" in r
                and r["mode"] in ("train-fwd-bwd", "train-fwd", "eval-fwd")]
         print(f"## {threads} thread(s): {len(rs)} rows, {len(noisy)} noisy")
-        print(f"train fwd+bwd vs torch.nn: geomean {geomean([r['speedup_vs_torch'] for r in train]):.2f}x, "
+        train_mean = geomean([r["speedup_vs_torch"] for r in train])
+        eval_mean = geomean([r["speedup_vs_torch"] for r in evals])
+        fused_mean = geomean([r["speedup_vs_unfused"] for r in relu if "speedup_vs_unfused" in r])
+        print(f"train fwd+bwd vs torch.nn: geomean {train_mean:.2f}x, "
               f"min {worst['speedup_vs_torch']:.2f}x ({worst['shape']} {worst['layout']})")
-        print(f"eval fwd vs torch.nn: geomean {geomean([r['speedup_vs_torch'] for r in evals]):.2f}x, "
-              f"min {worst_eval['speedup_vs_torch']:.2f}x ({worst_eval['shape']} {worst_eval['layout']})")
-        print(f"fused BN+ReLU vs BN then torch.relu: geomean "
-              f"{geomean([r['speedup_vs_unfused'] for r in relu if 'speedup_vs_unfused' in r]):.2f}x")
+        print(f"eval fwd vs torch.nn: geomean {eval_mean:.2f}x, min "
+              f"{worst_eval['speedup_vs_torch']:.2f}x ({worst_eval['shape']} "
+              f"{worst_eval['layout']})")
+        print(f"fused BN+ReLU vs BN then torch.relu: geomean {fused_mean:.2f}x")
         if big:
             print(f"x roofline, shapes >= 8 MB (train-fwd, train-fwd-bwd, eval-fwd): median "
                   f"{statistics.median(big):.2f}, max {max(big):.2f}")
@@ -61,8 +64,8 @@ def main(path: str) -> None:
 def table(path: str) -> None:
     """Every row as a markdown table (ms, ratios, spread; noisy rows marked)."""
     rows = json.load(open(path))["rows"]
-    print("| shape | layout | mode | threads | ours ms | torch.nn ms | vs torch.nn | vs ours unfused "
-          "| x roofline | spread |")
+    print("| shape | layout | mode | threads | ours ms | torch.nn ms | vs torch.nn "
+          "| vs ours unfused | x roofline | spread |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         unfused = f"{r['speedup_vs_unfused']:.2f}" if "speedup_vs_unfused" in r else ""
