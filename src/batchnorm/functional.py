@@ -14,6 +14,8 @@ host synchronisation in every training step). torch would write NaN into the buf
 later eval-mode output would be NaN (pytorch#115500).
 """
 
+import os
+import sys
 import warnings
 
 import torch
@@ -63,6 +65,7 @@ def _batch_norm(
     relu: bool = False,
     num_batches_tracked: Tensor | None = None,
     sync: StatsSync | None = None,
+    layer=None,
 ) -> Tensor:
     """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
     num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
@@ -103,20 +106,39 @@ def _batch_norm(
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
                                                 running)
     if running_mean is not None:
-        warn_if_skipped(finite)
+        warn_if_skipped(finite, layer)
     return output
 
 
-def warn_if_skipped(finite: Tensor) -> None:
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch and this package: the user's line."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level - 1
+
+
+def warn_if_skipped(finite: Tensor, layer=None) -> None:
     """The RuntimeWarning for a training batch whose statistics were not finite (CPU only:
-    reading the flag elsewhere would cost a host synchronisation every step)."""
-    if finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item():
-        warnings.warn(
-            "batch_norm: this training batch has non-finite statistics (NaN or Inf in the "
-            "input); running_mean and running_var were left unchanged",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    reading the flag elsewhere would cost a host synchronisation every step), pointing at the
+    caller's line and naming the layer; the layer counts its skipped batches."""
+    if finite.device.type != "cpu" or torch.compiler.is_compiling() or finite.item():
+        return
+    where = "batch_norm"
+    if layer is not None:
+        layer.skipped_batches += 1
+        name = f" '{layer._batchnorm_name}'" if layer._batchnorm_name else ""
+        where = (f"{type(layer).__name__}({layer.num_features}){name} (skipped batches so far: "
+                 f"{layer.skipped_batches})")
+    warnings.warn(
+        f"{where}: this training batch has non-finite statistics (NaN or Inf in the input); "
+        f"running_mean, running_var and num_batches_tracked were left unchanged",
+        RuntimeWarning,
+        stacklevel=_caller_stacklevel(),
+    )
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -29,6 +29,10 @@ class _BatchNorm(torch_bn._BatchNorm):
     _ranks: tuple[int, ...] = ()
     _layouts: str = ""
     _relu: bool = False
+    # Training batches whose statistics were not finite (NaN/Inf), skipped by the guard: read
+    # it from the module; it is not in the state_dict (checkpoints stay torch's).
+    skipped_batches: int = 0
+    _batchnorm_name: str = ""  # the layer's name in the model, set by convert()
 
     def __new__(cls, *args, **kwargs):
         module = super().__new__(cls)
@@ -85,7 +89,8 @@ class _BatchNorm(torch_bn._BatchNorm):
         return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self._use_batch_stats(), self.momentum, self.eps,
                              residual=residual, relu=self._relu,
-                             num_batches_tracked=num_batches_tracked, sync=self._sync())
+                             num_batches_tracked=num_batches_tracked, sync=self._sync(),
+                             layer=self)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
@@ -186,41 +191,47 @@ class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
 # Swapping torch.nn modules for these and back
 # ---------------------------------------------------------------------------------------------
 
-_TO_OURS: dict[type, type] = {
-    torch.nn.BatchNorm1d: BatchNorm1d,
-    torch.nn.BatchNorm2d: BatchNorm2d,
-    torch.nn.BatchNorm3d: BatchNorm3d,
-}
-_TO_TORCH: dict[type, type] = {
-    **{ours: theirs for theirs, ours in _TO_OURS.items()},
-    BatchNormReLU1d: None, BatchNormReLU2d: None, BatchNormReLU3d: None,  # no torch twin
-}
-
-
 def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A module of class cls holding the very same Parameter and buffer objects as module.
-
-    Sharing the objects (not copies) keeps optimizers, hooks on parameters and tied weights
-    pointing at the live tensors.
-    """
+    """A module of class cls with module's state: the very same Parameter and buffer objects
+    (optimizers, parameter hooks and tied weights keep pointing at the live tensors), its
+    forward, pre-forward, backward and state_dict hooks, and its instance attributes."""
     swapped = cls.__new__(cls)
-    torch.nn.Module.__init__(swapped)
-    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
-        setattr(swapped, name, getattr(module, name))
-    swapped._parameters = dict(module._parameters)
-    swapped._buffers = dict(module._buffers)
-    swapped._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for key, value in module.__dict__.items():
+        if key == "__module__":  # our fx-leaf marker: set below for our classes only
+            continue
+        swapped.__dict__[key] = (value.copy() if isinstance(value, dict | set) else value)
+    if issubclass(cls, _BatchNorm):
+        object.__setattr__(swapped, "__module__", "torch.nn-compatible:batchnorm.nn")
     return swapped
 
 
-def _replace(model: torch.nn.Module, mapping: dict[type, type | None]) -> torch.nn.Module:
-    if type(model) in mapping:
-        target = mapping[type(model)]
-        if target is None:
-            raise TypeError(f"{type(model).__name__} has no torch.nn equivalent (it fuses a ReLU)")
-        return _swap_class(model, target)
+def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A lazy layer that has not seen an input has no state to share: a new one of cls with the
+    same arguments (its parameter-inference hook belongs to the new module)."""
+    fresh = cls(module.eps, module.momentum, module.affine, module.track_running_stats)
+    fresh.train(module.training)
+    return fresh
+
+
+def _replace(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
+             skipped: list[str], prefix: str = "") -> torch.nn.Module:
+    kind = type(model)
+    if kind in refuse:
+        raise TypeError(f"{prefix or 'the model'} ({kind.__name__}) {refuse[kind]}")
+    if kind in mapping:
+        target = mapping[kind]
+        if isinstance(model, LazyModuleMixin) and model.has_uninitialized_params():
+            return _fresh_lazy(model, target)
+        swapped = _swap_class(model, target)
+        if issubclass(target, _BatchNorm):
+            swapped._batchnorm_name = prefix
+        return swapped
+    if isinstance(model, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
+            "batchnorm",):
+        skipped.append(f"{prefix or 'the model'} ({kind.__module__}.{kind.__qualname__})")
     for name, child in model.named_children():
-        replaced = _replace(child, mapping)
+        replaced = _replace(child, mapping, refuse=refuse, skipped=skipped,
+                            prefix=f"{prefix}.{name}" if prefix else name)
         if replaced is not child:
             setattr(model, name, replaced)
     return model
@@ -261,15 +272,57 @@ _TO_TORCH_TWIN: dict[type, tuple[type, type | None]] = {
 }
 
 
-def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every torch.nn.BatchNorm1d/2d/3d in model for this package's, in place.
+def _torch_to_ours() -> dict[type, type]:
+    from batchnorm.distributed import SyncBatchNorm  # distributed builds on this file
 
-    Parameters and buffers are the same objects, so state, outputs and optimizer references are
-    kept. Returns the model (a new module when model itself is a batch-norm layer).
+    return {
+        torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
+        torch.nn.BatchNorm3d: BatchNorm3d,
+        torch.nn.LazyBatchNorm1d: LazyBatchNorm1d, torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
+        torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
+        torch.nn.SyncBatchNorm: SyncBatchNorm,
+    }
+
+
+def convert(model: torch.nn.Module, *, report: list[str] | None = None) -> torch.nn.Module:
+    """Swap every torch.nn batch-norm layer in model for this package's, in place.
+
+    torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d and SyncBatchNorm are converted. The new
+    layers hold the very same Parameter and buffer objects and keep the old ones' hooks and
+    instance attributes, so state, outputs, optimizer references and hooks are kept. Subclasses
+    of torch's classes are left as they are (their own methods could differ from ours) and named
+    in a warning. `report`, when given, receives one line per layer replaced. Returns the model
+    (a new module when model itself is a batch-norm layer).
     """
-    return _replace(model, _TO_OURS)
+    skipped: list[str] = []
+    before = {name: type(m) for name, m in model.named_modules()}
+    converted = _replace(model, _torch_to_ours(), refuse={}, skipped=skipped)
+    if report is not None:
+        for name, module in converted.named_modules():
+            if name in before and before[name] is not type(module):
+                report.append(f"{name or 'the model'}: {before[name].__name__} -> "
+                              f"batchnorm.{type(module).__name__}")
+    if skipped:
+        import warnings
+
+        warnings.warn("batchnorm.convert left these batch-norm layers as they are (subclasses of "
+                      "torch's classes, whose own methods ours would drop): "
+                      + ", ".join(skipped), UserWarning, stacklevel=2)
+    return converted
 
 
 def to_torch(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap this package's BatchNorm1d/2d/3d back to torch.nn's, in place (inverse of convert)."""
-    return _replace(model, _TO_TORCH)
+    """Swap every batch-norm layer of this package's back to torch.nn's, in place (the inverse
+    of convert, sharing state and hooks likewise). Fused layers (BatchNormReLU*, BatchNormAddReLU*)
+    have no torch.nn class: a TypeError names them. Returns the model."""
+    from batchnorm.distributed import SyncBatchNorm
+
+    mapping = {ours: theirs for theirs, ours in _torch_to_ours().items()
+               if not issubclass(ours, LazyModuleMixin)}
+    mapping[SyncBatchNorm] = torch.nn.SyncBatchNorm
+    refuse = {cls: "fuses a ReLU and has no torch.nn equivalent; use its BatchNorm class"
+              for cls in (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, BatchNormAddReLU2d,
+                          BatchNormAddReLU3d)}
+    lazy = {LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
+            LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
+    return _replace(model, {**mapping, **lazy}, refuse=refuse, skipped=[])

@@ -1,0 +1,85 @@
+"""convert() and to_torch(): what a converted layer keeps (state, hooks, attributes), which
+classes convert (Lazy, SyncBatchNorm; subclasses are reported), and the NaN/Inf skip warning:
+where it points, what it names, and the per-layer count."""
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU())
+
+
+def test_hooks_and_attributes_survive_convert_and_back():
+    net = _net()
+    bn = net[1]
+    calls = []
+    bn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    bn.register_forward_hook(lambda m, args, out: calls.append("forward"))
+    bn.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    bn.register_state_dict_post_hook(lambda m, sd, prefix, local: calls.append("state_dict"))
+    bn.my_tag = "keep me"
+    report = []
+    batchnorm.convert(net, report=report)
+    assert type(net[1]) is batchnorm.BatchNorm2d and net[1].my_tag == "keep me"
+    assert report == ["1: BatchNorm2d -> batchnorm.BatchNorm2d"]
+    net(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+    net.state_dict()
+    assert calls == ["pre", "forward", "backward", "state_dict"]
+    assert net[1].weight is bn.weight and net[1].running_mean is bn.running_mean
+    batchnorm.to_torch(net)
+    assert type(net[1]) is torch.nn.BatchNorm2d and net[1].my_tag == "keep me"
+    calls.clear()
+    net(torch.randn(2, 3, 5, 5))
+    assert calls == ["pre", "forward"]
+
+
+def test_lazy_and_sync_layers_convert():
+    net = torch.nn.Sequential(torch.nn.LazyBatchNorm2d(), torch.nn.SyncBatchNorm(3))
+    batchnorm.convert(net)
+    assert type(net[0]) is batchnorm.LazyBatchNorm2d
+    assert type(net[1]) is batchnorm.SyncBatchNorm
+    net(torch.randn(4, 3, 2, 2))  # single process: SyncBatchNorm normalizes locally
+    assert type(net[0]) is batchnorm.BatchNorm2d and net[0].num_features == 3
+    batchnorm.to_torch(net)
+    assert type(net[0]) is torch.nn.BatchNorm2d and type(net[1]) is torch.nn.SyncBatchNorm
+
+
+def test_subclasses_are_left_and_reported():
+    class MyBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    net = torch.nn.Sequential(MyBN(3))
+    with pytest.warns(UserWarning, match=r"left these batch-norm layers.*0 \(.*MyBN\)"):
+        batchnorm.convert(net)
+    assert type(net[0]) is MyBN
+
+
+def test_to_torch_refuses_every_fused_layer():
+    for layer in (batchnorm.BatchNormReLU2d(3), batchnorm.BatchNormAddReLU2d(3)):
+        with pytest.raises(TypeError, match="no torch.nn equivalent"):
+            batchnorm.to_torch(torch.nn.Sequential(layer))
+
+
+def test_nan_warning_points_at_the_caller_names_the_layer_and_counts():
+    net = batchnorm.convert(torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                                torch.nn.BatchNorm1d(4)))
+    x = torch.randn(5, 3)
+    x[2, 1] = float("nan")
+    for expected in (1, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            net(x)  # this line is where the warning must point
+        (warning,) = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert warning.filename == __file__, warning.filename
+        assert "BatchNorm1d(4) '1'" in str(warning.message)
+        assert f"skipped batches so far: {expected}" in str(warning.message)
+        assert net[1].skipped_batches == expected
+    assert "skipped_batches" not in net.state_dict() and int(net[1].num_batches_tracked) == 0
