@@ -460,11 +460,14 @@ def test_python_autograd_path_matches_torch():
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 700, 701), (8, 8, 256, 256)])
-def test_large_float32_outputs_streamed(shape):
+@pytest.mark.parametrize("shape,layout", [((3, 3, 700, 701), "contiguous"),
+                                          ((8, 8, 256, 256), "contiguous"),
+                                          ((16, 32, 96, 96), "channels_last")])
+def test_large_float32_outputs_streamed(shape, layout):
     # Outputs of 16 MB and more are written with non-temporal stores from each run's first
-    # aligned element on (S = 490700: unaligned runs; S = 65536: aligned ones).
-    x, dy, res, w, b, _, _ = _inputs(shape, "contiguous", torch.float32, seed=9)
+    # aligned element on (S = 490700: unaligned runs; S = 65536: aligned ones; channels-last
+    # rows of 32 channels, each starting aligned).
+    x, dy, res, w, b, _, _ = _inputs(shape, layout, torch.float32, seed=9)
     n = _count(shape)
     y, mean, m2, invstd, _ = ops.forward_train(x, w, b, res, True, 1e-5, None, None, None, 0.1)
     ref = _reference("forward_train", x, w, b, res, True, 1e-5, None, None, None, 0.1)

@@ -65,16 +65,21 @@ struct IO<c10::BFloat16> : ReducedIO<c10::BFloat16> {};
 // Non-temporal stores for large float32 outputs: a written line goes to memory without being
 // read first (a normal store reads the line before writing it, one third more traffic). Only for
 // outputs far larger than the caches (the next layer would read them from memory anyway), in the
-// (N, C, S) layout, from the first 64-byte boundary of each run on (the head uses plain stores).
+// (N, C, S) layout from the first 64-byte boundary of each run on (the head uses plain stores),
+// in the (M, C) layout when every row starts on one.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename T>
 bool streaming(const Layout& L, const T* y) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int64_t W = Vectorized<float>::size();
-  return std::is_same_v<T, float> && !L.rows && L.S >= 4 * W &&
-         L.N * L.C * L.S * int64_t(sizeof(T)) >= kStreamBytes &&
-         reinterpret_cast<uintptr_t>(y) % sizeof(float) == 0;
+  if (!std::is_same_v<T, float> || L.N * L.C * L.S * int64_t(sizeof(T)) < kStreamBytes) {
+    return false;
+  }
+  if (L.rows) {  // (M, C): every row starts aligned when C is a multiple of the vector width
+    return L.C % W == 0 && reinterpret_cast<uintptr_t>(y) % (W * sizeof(float)) == 0;
+  }
+  return L.S >= 4 * W && reinterpret_cast<uintptr_t>(y) % sizeof(float) == 0;
 #else
   return false;
 #endif
@@ -452,7 +457,7 @@ void rows_stats(const T* x, const Layout& L, std::vector<double>& mean, std::vec
 
 template <typename T, bool kResidual, bool kRelu>
 void rows_elemt(const T* x, const T* residual, T* y, int64_t C, int64_t r0, int64_t r1,
-                const Acc<T>* mean, const Acc<T>* scale, const Acc<T>* shift) {
+                const Acc<T>* mean, const Acc<T>* scale, const Acc<T>* shift, bool stream) {
   using A = Acc<T>;
   using io = IO<T>;
   using V = typename io::V;
@@ -466,7 +471,11 @@ void rows_elemt(const T* x, const T* residual, T* y, int64_t C, int64_t r0, int6
                            V::loadu(shift + c));
       if constexpr (kResidual) v = v + io::load(residual + base + c);
       if constexpr (kRelu) v = at::vec::maximum(v, zero);
-      io::store(y + base + c, v);
+      if (stream) {
+        store_streaming(y + base + c, v);
+      } else {
+        io::store(y + base + c, v);
+      }
     }
     for (; c < C; ++c) {
       A v = (static_cast<A>(x[base + c]) - mean[c]) * scale[c] + shift[c];
@@ -475,6 +484,7 @@ void rows_elemt(const T* x, const T* residual, T* y, int64_t C, int64_t r0, int6
       y[base + c] = static_cast<T>(v);
     }
   }
+  if (stream) fence_streaming();
 }
 
 // Adds sum(dy) and sum(dy * (x - mean)) of rows [r0, r1) into sum_dy / sum_dy_xmu.
@@ -511,7 +521,7 @@ void rows_grad_sums(const T* dy, const T* x, const T* output, int64_t C, int64_t
 template <typename T, bool kMask>
 void rows_grad_input(const T* dy, const T* x, const T* output, T* dx, int64_t C, int64_t r0,
                      int64_t r1, const Acc<T>* mean, const Acc<T>* k, const Acc<T>* c1,
-                     const Acc<T>* c2) {
+                     const Acc<T>* c2, bool stream) {
   using A = Acc<T>;
   using io = IO<T>;
   using V = typename io::V;
@@ -524,7 +534,11 @@ void rows_grad_input(const T* dy, const T* x, const T* output, T* dx, int64_t C,
       if constexpr (kMask) g = masked(g, io::load(output + base + c));
       const V v = at::vec::fmadd(g, V::loadu(k + c), V::loadu(c1 + c)) -
                   (io::load(x + base + c) - V::loadu(mean + c)) * V::loadu(c2 + c);
-      io::store(dx + base + c, v);
+      if (stream) {
+        store_streaming(dx + base + c, v);
+      } else {
+        io::store(dx + base + c, v);
+      }
     }
     for (; c < C; ++c) {
       A g = static_cast<A>(dy[base + c]);
@@ -533,6 +547,7 @@ void rows_grad_input(const T* dy, const T* x, const T* output, T* dx, int64_t C,
           static_cast<T>(g * k[c] + c1[c] - (static_cast<A>(x[base + c]) - mean[c]) * c2[c]);
     }
   }
+  if (stream) fence_streaming();
 }
 
 // Channels per task for (N, C, S): enough values per task to pay for a thread hand-off.
@@ -602,7 +617,8 @@ void elemt(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* m
     constexpr bool kRes = decltype(has_residual)::value, kRelu = decltype(has_relu)::value;
     if (L.rows) {
       each_row_range(L.rows_count(), L.C, [&](int64_t r0, int64_t r1) {
-        rows_elemt<T, kRes, kRelu>(x, residual, y, L.C, r0, r1, mean, scale, shift);
+        rows_elemt<T, kRes, kRelu>(x, residual, y, L.C, r0, r1, mean, scale, shift,
+                                   streaming(L, y));
       });
       return;
     }
@@ -651,7 +667,8 @@ void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layou
     constexpr bool kMask = decltype(has_mask)::value;
     if (L.rows) {
       each_row_range(L.rows_count(), L.C, [&](int64_t r0, int64_t r1) {
-        rows_grad_input<T, kMask>(dy, x, output, dx, L.C, r0, r1, mean, k, c1, c2);
+        rows_grad_input<T, kMask>(dy, x, output, dx, L.C, r0, r1, mean, k, c1, c2,
+                                  streaming(L, dx));
       });
       return;
     }
@@ -687,7 +704,7 @@ void forward_train(const T* x, const T* residual, T* y, const Layout& L, const A
       }
       each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
         rows_elemt<T, kRes, kRelu>(x, residual, y, C, r0, r1, mean_a.data(), scale.data(),
-                                   shift.data());
+                                   shift.data(), streaming(L, y));
       });
       return;
     }
@@ -734,7 +751,7 @@ void backward_train(const T* dy, const T* x, const T* output, T* dx, const Layou
       }
       each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
         rows_grad_input<T, kMask>(dy, x, output, dx, C, r0, r1, mean, k.data(), c1.data(),
-                                  c2.data());
+                                  c2.data(), streaming(L, dx));
       });
       return;
     }
