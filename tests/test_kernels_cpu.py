@@ -478,3 +478,23 @@ def test_large_float32_outputs_streamed(shape, layout):
     y2 = ops.elemt(x, mean, invstd, w, b, None, False)
     assert_close(y2, _reference("elemt", x, mean, invstd, w, b, None, False), torch.float32,
                  what="elemt")
+
+
+def test_composite_normalizes_float32_extremes_without_false_alarms():
+    script = textwrap.dedent("""
+        import warnings, torch, batchnorm
+        from batchnorm import kernels
+        assert not kernels.native_cpu()
+        g = torch.Generator().manual_seed(0)
+        x64 = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64) * 1e30 + 3e30
+        m = batchnorm.BatchNorm2d(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = m(x64.float())
+        ref = torch.nn.functional.batch_norm(x64.float().double(), None, None, training=True)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+        assert int(m.num_batches_tracked) == 1
+    """)
+    done = subprocess.run([sys.executable, "-c", script], timeout=300,
+                          env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -128,17 +128,28 @@ def forward_train(input, weight, bias, residual, relu, eps, running_mean, runnin
     ops = torch.ops.batchnorm
     mean, m2 = ops.stats(input)
     count = input.numel() // input.shape[1]
-    invstd = torch.rsqrt(m2 / count + eps)  # the biased variance normalizes
+    wide_mean, wide_m2 = _rescued(input, mean, m2)
+    invstd = torch.rsqrt(wide_m2 / count + eps).to(mean.dtype)  # the biased variance normalizes
     output = ops.elemt(input, mean, invstd, weight, bias, residual, relu)
     if running_mean is not None and running_var is not None:
-        counts = torch.full((), count, dtype=m2.dtype, device=m2.device)
-        finite = ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
-                                          m2, counts, momentum)
+        counts = torch.full((), count, dtype=wide_m2.dtype, device=wide_m2.device)
+        finite = ops.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                          wide_mean, wide_m2, counts, momentum)
     else:
-        finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
+        finite = torch.isfinite(wide_m2).all() & torch.isfinite(wide_mean).all()
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     return output, mean, m2, invstd, finite
+
+
+def _rescued(input: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+    """mean and m2, recomputed in float64 when float32 statistics overflowed on finite data
+    (values near 1e30 square beyond float32). On the CPU only, outside tracing: the check
+    reads a flag, which elsewhere would cost a host synchronisation every step."""
+    if (input.device.type != "cpu" or torch.compiler.is_compiling() or m2.dtype == torch.float64
+            or bool(torch.isfinite(m2).all()) or not bool(torch.isfinite(input).all())):
+        return mean, m2
+    return stats(input.double())
 
 
 def backward_train(grad_out, input, mean, invstd, weight, output):
