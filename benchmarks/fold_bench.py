@@ -1,6 +1,6 @@
 """Eval latency of the test zoo before and after BN folding, next to torch.fx's fuse.
 
-    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/fold_bench.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fold_bench.py
 
 Variants are timed round-robin in one process (so load from other processes hits them alike);
 the table gives the median per-call latency and the ratio to the unfolded model. Writes

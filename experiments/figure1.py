@@ -9,9 +9,9 @@ Writes {out}/figure1.png and {out}/figure1.json and prints the summary.
 
 import os
 
-# One thread for torch, numba and BLAS, set before numpy and torch start their thread pools:
+# One thread for torch and BLAS, set before numpy and torch start their thread pools:
 # on (60, 100) matrices threads cost more than they give.
-for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
 # -----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/env.sh")"
 cd "$root"
-# one thread for torch, numba and BLAS, before Python starts their pools (small matrices)
+# one thread for torch (our kernels run on its pool) and BLAS, before Python starts their pools (small matrices)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}" \
-       MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" NUMBA_NUM_THREADS="${NUMBA_NUM_THREADS:-1}"
+       MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 exec "$python" -m batchnorm.cli paper "$@"

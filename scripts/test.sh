@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite (creating .venv first if needed). Extra arguments go to pytest.
-# One thread each for torch, numba and BLAS: their OpenMP runtimes oversubscribe 2 cores badly.
+# One thread each for torch (our kernels run on its pool) and BLAS: OpenMP pools oversubscribe 2 cores.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/env.sh")"
 cd "$root"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 exec "$python" -m pytest -q -n 2 "$@"

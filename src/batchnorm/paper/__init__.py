@@ -22,17 +22,15 @@ from batchnorm.paper.experiment import ENGINES, Settings, format_summary, run_ex
 
 __all__ = ["add_arguments", "run", "use_one_thread", "Settings", "run_experiment"]
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "NUMBA_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def use_one_thread() -> None:
-    """One thread for torch, numba and BLAS: on (60, 100) matrices threads cost more than they
-    give, and torch's and numba's OpenMP runtimes fight over the cores.
+    """One thread for torch (and so for our CPU kernels, on torch's pool) and BLAS: on
+    (60, 100) matrices threads cost more than they give on 2 shared cores.
 
-    The environment variables reach pools not started yet (child processes, numba and BLAS when
-    not yet loaded); torch and numba are told directly, and threadpoolctl limits the BLAS pools
-    already started.
+    The environment variables reach pools not started yet (child processes, BLAS when not yet
+    loaded); torch is told directly, and threadpoolctl limits the BLAS pools already started.
     """
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, "1")
@@ -40,9 +38,6 @@ def use_one_thread() -> None:
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
-    if "numba" in sys.modules:
-        import numba
-        numba.set_num_threads(1)
     threadpool_limits(1)  # BLAS pools that numpy / torch already started
 
 
