@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds (default 5, --quick 3)")
     parser.add_argument("--out", default=None, help="write results to this .json or .csv file")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --e2e: torch.compile both models (Inductor) and time the "
+                             "compiled training steps, a small CNN and a ResNet basic block")
     parser.add_argument("--e2e", action="store_true",
                         help="whole-model training steps instead of single layers: a small CNN "
                              "(3x32x32, batch 32) and a ResNet-18-shaped model (112x112, "
@@ -394,7 +397,17 @@ def resnet18(classes: int = 10) -> torch.nn.Module:
                          nn.Linear(512, classes))
 
 
+def basic_block() -> torch.nn.Module:
+    """One ResNet basic block with a downsampling shortcut (64 -> 128 channels, 56x56 -> 28x28),
+    pooled into a linear classifier."""
+    nn = torch.nn
+    return nn.Sequential(_BasicBlock(64, 128, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 10))
+
+
 E2E_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)), "resnet18": (resnet18, (16, 3, 112, 112))}
+COMPILED_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)),
+                   "basic-block": (basic_block, (16, 64, 56, 56))}
 
 
 def _without_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -423,7 +436,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     layouts = [lay.strip() for lay in args.layouts.split(",")]
     rounds, repeat = args.rounds or 5, args.repeat or (2 if args.quick else 3)
     machine = _machine()
-    print(f"# batchnorm bench --e2e: float32 training steps (forward, backward, SGD), "
+    print(f"# batchnorm bench --e2e{' --compile' if args.compile else ''}: float32 training "
+          f"steps (forward, backward, SGD), "
           f"torch {machine['torch']}, CPU kernels {machine['cpu_kernels']}, "
           f"THP_MEM_ALLOC_ENABLE={machine['THP_MEM_ALLOC_ENABLE']}, "
           f"load {machine['loadavg_start']}")
@@ -434,7 +448,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     try:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            for name, (factory, shape) in E2E_MODELS.items():
+            for name, (factory, shape) in (COMPILED_MODELS if args.compile
+                                           else E2E_MODELS).items():
                 for layout in layouts:
                     torch.manual_seed(0)
                     reference = factory()
@@ -444,6 +459,9 @@ def run_e2e(args: argparse.Namespace) -> int:
                     models = {"torch": reference,
                               "ours": batchnorm.convert(copy.deepcopy(reference)),
                               "no-bn": _without_bn(copy.deepcopy(reference))}
+                    if args.compile:
+                        _allow_recompiles()
+                        models = {k: torch.compile(m) for k, m in models.items()}
                     x = torch.randn(shape).contiguous(memory_format=fmt)
                     target = torch.randint(0, 10, (shape[0],))
                     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01)

@@ -431,7 +431,7 @@ def batch_norm_eval(
     if tracing():
         acc = stat_dtype(input.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
-        return composite.elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
+        return _aten_normalize(input, mean.to(acc), invstd, weight, bias, residual, relu)
     if _needs_grad(input, mean, var, weight, bias, residual):
         acc = stat_dtype(input.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
@@ -489,18 +489,73 @@ def tracing() -> bool:
             or torch.jit.is_tracing())
 
 
+def _aten_normalize(input, mean, invstd, weight, bias, residual, relu):
+    """(x - mean) * invstd * weight + bias [+ residual] [ReLU] in plain broadcasting ops, which
+    Inductor fuses into its neighbours (the layout follows the input's, as eager's does)."""
+    shape = channel_view(input)
+    acc = mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    y = (input.to(acc) - mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(input.dtype)
+
+
+class _TracedBatchNormTrain(torch.autograd.Function):
+    """Training batch norm in torch operations with the closed-form backward (the same two
+    reductions and one elementwise pass as the fused kernels), for tracers: autograd through
+    var_mean and the broadcasts would add reductions that Inductor cannot remove."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, eps, relu):
+        acc = stat_dtype(input.dtype)
+        var, mean = torch.var_mean(input.to(acc), reduce_dims(input), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        output = _aten_normalize(input, mean, invstd, weight, bias, residual, relu)
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, mean, invstd, output if relu else None)
+        ctx.mark_non_differentiable(mean, var)
+        return output, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, weight, mean, invstd, relu_output = ctx.saved_tensors
+        shape, dims, acc = channel_view(input), reduce_dims(input), mean.dtype
+        dy = relu_masked(grad_out, relu_output).to(acc)
+        x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
+        count = _count(input)
+        grad_input = grad_weight = grad_bias = grad_residual = None
+        if ctx.needs_input_grad[0]:
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            grad_input = ((dy - (sum_dy / count).view(shape) - x_hat * (sum_dy_xhat / count)
+                           .view(shape)) * scale.view(shape)).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        if ctx.has_residual and ctx.needs_input_grad[3]:
+            grad_residual = relu_masked(grad_out, relu_output)
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None
+
+
 def _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running):
-    """batch_norm_train in torch operations: the composite's stats and elemt, differentiated by
-    torch's autograd; the running statistics through the composite's traceable update (the
-    NaN/Inf guard a torch.where, momentum=None a tensor factor: no graph break)."""
-    mean, m2 = composite.stats(input)
-    invstd = torch.rsqrt(m2 / _count(input) + eps)
-    output = composite.elemt(input, mean, invstd, weight, bias, residual, relu)
-    mean, m2 = mean.detach(), m2.detach()
+    """batch_norm_train in torch operations: var_mean (a Welford reduction in Inductor, stable
+    without a shift), the normalization, the closed-form backward, and the running statistics
+    through the composite's traceable update (the NaN/Inf guard a torch.where, momentum=None a
+    tensor factor: no graph break)."""
+    output, mean, var = _TracedBatchNormTrain.apply(input, weight, bias, residual, eps, relu)
+    count = _count(input)
+    m2 = var * count
     if running.mean is not None and running.var is not None:
-        count = torch.full((), _count(input), dtype=m2.dtype, device=m2.device)
+        counts = torch.full((), count, dtype=m2.dtype, device=m2.device)
         finite = composite.update_running_stats(running.mean, running.var,
-                                                running.num_batches_tracked, mean, m2, count,
+                                                running.num_batches_tracked, mean, m2, counts,
                                                 running.momentum)
     else:
         finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
