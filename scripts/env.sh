@@ -14,8 +14,9 @@ stamp="$venv/.installed-$(cat "${inputs[@]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-    # setuptools and ninja: the extension's build (ninja compiles its sources in parallel)
-    "$venv/bin/python" -m pip install --quiet "torch==2.13.0" "setuptools>=68" wheel ninja >&2
+    # numpy, setuptools and ninja: the extension's build imports torch (which wants numpy) and
+    # ninja compiles its sources in parallel
+    "$venv/bin/python" -m pip install --quiet "torch==2.13.0" numpy "setuptools>=68" wheel ninja >&2
     "$venv/bin/python" -m pip install --quiet --no-build-isolation -e "$root[dev]" >&2
     "$venv/bin/python" -c "import batchnorm.kernels as k, batchnorm; import sys; \
 sys.exit(0 if k.native_cpu() else 'batchnorm: the native CPU kernels did not build (see above)')" >&2

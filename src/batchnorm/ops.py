@@ -341,7 +341,7 @@ class _BatchNormTrain(torch.autograd.Function):
                 raise NotImplementedError("double backward through SyncBatchNorm is not supported")
             mean, m2 = stats(input)
             invstd = torch.rsqrt(m2 / ctx.count + ctx.eps)
-        grad_input = grad_weight = grad_bias = grad_residual = None
+        grad_input = None
         if ctx.sync is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
             grad_input, sum_dy, sum_dy_xhat = backward_train(grad_out, input, mean, invstd,
                                                              weight, relu_output)
@@ -355,13 +355,20 @@ class _BatchNormTrain(torch.autograd.Function):
                 grad_input = backward_elemt(grad_out, input, mean, invstd, weight,
                                             sum_dy / ctx.count, sum_dy_xhat / ctx.count,
                                             relu_output)
-        if ctx.needs_input_grad[1]:
-            grad_weight = local_sum_dy_xhat.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = local_sum_dy.to(ctx.bias_dtype)
-        if ctx.has_residual and ctx.needs_input_grad[3]:
-            grad_residual = relu_masked(grad_out, relu_output)
+        grad_weight, grad_bias, grad_residual = _parameter_grads(
+            ctx, weight, local_sum_dy, local_sum_dy_xhat, grad_out, relu_output)
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
+
+
+def _parameter_grads(ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output):
+    """(d weight, d bias, d residual) of a training batch norm (inputs 1, 2, 3 of its Function):
+    d weight = sum(dy x_hat), d bias = sum(dy), d residual = dy through the fused ReLU."""
+    needs = ctx.needs_input_grad
+    grad_weight = sum_dy_xhat.to(weight.dtype) if needs[1] else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if needs[2] else None
+    grad_residual = (relu_masked(grad_out, relu_output)
+                     if ctx.has_residual and needs[3] else None)
+    return grad_weight, grad_bias, grad_residual
 
 
 _NO_RUNNING_STATS = RunningStats(None, None, None, 0.0)
@@ -530,17 +537,13 @@ class _TracedBatchNormTrain(torch.autograd.Function):
         x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
         sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
         count = _count(input)
-        grad_input = grad_weight = grad_bias = grad_residual = None
+        grad_input = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else invstd * weight.to(acc)
             grad_input = ((dy - (sum_dy / count).view(shape) - x_hat * (sum_dy_xhat / count)
                            .view(shape)) * scale.view(shape)).to(input.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        if ctx.has_residual and ctx.needs_input_grad[3]:
-            grad_residual = relu_masked(grad_out, relu_output)
+        grad_weight, grad_bias, grad_residual = _parameter_grads(
+            ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output)
         return grad_input, grad_weight, grad_bias, grad_residual, None, None
 
 
