@@ -334,11 +334,13 @@ Tensor forward_eval_cpu(const Tensor& input, const Tensor& running_mean,
     using A = Acc<scalar_t>;
     Tensor k0, k1, k2, k3;
     const A* m = channel_ptr<A>(running_mean, C, k0, op, "running_mean");
-    const double* v = channel_ptr<double>(running_var, C, k1, op, "running_var");
+    const A* v = channel_ptr<A>(running_var, C, k1, op, "running_var");  // usually in place
     const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
     const A* b = channel_ptr<A>(bias, C, k3, op, "bias");
     std::vector<A> invstd(C);
-    for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<A>(1.0 / std::sqrt(v[c] + eps));
+    for (int64_t c = 0; c < C; ++c) {
+      invstd[c] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(v[c]) + eps));
+    }
     y = elemt_with<scalar_t>(d, m, invstd.data(), w, b, res, relu);
   });
   return y;
