@@ -314,7 +314,7 @@ def test_convert_sync_batchnorm_keeps_state_and_objects():
         assert type(layer) is SyncBatchNorm, f"layer {index} not converted"
         assert layer.process_group == "group-token"
         assert int(layer.num_batches_tracked) == 5
-    assert model[4]._relu and not model[0]._relu
+    assert model[4].relu and not model[0].relu
     assert type(model[6]) is family.GhostBatchNorm2d and type(model[7]) is family.BatchRenorm2d
     weights = [m.weight for m in model.modules() if isinstance(m, SyncBatchNorm)]
     assert all(any(w is old[0] for old in before.values()) for w in weights)  # same objects

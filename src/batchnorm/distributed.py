@@ -98,10 +98,10 @@ class SyncBatchNorm(nn._BatchNorm):
                  device=None, dtype=None, *, relu: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
-        self._relu = relu
+        self.relu = relu
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", relu=True" if self._relu else "")
+        return super().extra_repr() + (", relu=True" if self.relu else "")
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -145,7 +145,7 @@ class SyncBatchNorm(nn._BatchNorm):
                 )
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, device="meta",
-                            relu=getattr(module, "_relu", False))
+                            relu=nn.fuses_relu(module))
             converted._parameters = dict(module._parameters)  # the same objects, not copies
             converted._buffers = dict(module._buffers)
             converted._non_persistent_buffers_set = set(module._non_persistent_buffers_set)

@@ -28,7 +28,9 @@ class _BatchNorm(torch_bn._BatchNorm):
 
     _ranks: tuple[int, ...] = ()
     _layouts: str = ""
-    _relu: bool = False
+    # Whether the layer applies a fused ReLU after the normalization (BatchNormReLU*,
+    # BatchNormAddReLU*, SyncBatchNorm(relu=True)). Other files read it through fuses_relu().
+    relu: bool = False
     # Training batches whose statistics were not finite (NaN/Inf), skipped by the guard: read
     # it from the module; it is not in the state_dict (checkpoints stay torch's).
     skipped_batches: int = 0
@@ -88,7 +90,7 @@ class _BatchNorm(torch_bn._BatchNorm):
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
         return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self._use_batch_stats(), self.momentum, self.eps,
-                             residual=residual, relu=self._relu,
+                             residual=residual, relu=self.relu,
                              num_batches_tracked=num_batches_tracked, sync=self._sync(),
                              layer=self)
 
@@ -133,7 +135,7 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
 class BatchNormReLU1d(BatchNorm1d):
     """relu(batch_norm(x)) in one pass forward and one backward; state_dict of a BatchNorm1d."""
 
-    _relu = True
+    relu = True
 
     def forward(self, input: Tensor) -> Tensor:
         return super().forward(input)
@@ -142,7 +144,7 @@ class BatchNormReLU1d(BatchNorm1d):
 class BatchNormReLU2d(BatchNorm2d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm2d."""
 
-    _relu = True
+    relu = True
 
     def forward(self, input: Tensor) -> Tensor:
         return super().forward(input)
@@ -151,7 +153,7 @@ class BatchNormReLU2d(BatchNorm2d):
 class BatchNormReLU3d(BatchNorm3d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm3d."""
 
-    _relu = True
+    relu = True
 
     def forward(self, input: Tensor) -> Tensor:
         return super().forward(input)
@@ -160,13 +162,13 @@ class BatchNormReLU3d(BatchNorm3d):
 class BatchNormAddReLU2d(BatchNorm2d):
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
-    _relu = True
+    relu = True
 
 
 class BatchNormAddReLU3d(BatchNorm3d):
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
 
-    _relu = True
+    relu = True
 
 
 class LazyBatchNorm1d(torch_bn._LazyNormBase, BatchNorm1d):
@@ -185,6 +187,15 @@ class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
     """BatchNorm3d whose num_features is read from the first input."""
 
     cls_to_become = BatchNorm3d
+
+
+def fuses_relu(module: torch.nn.Module) -> bool:
+    """Whether module is a batch norm with a fused ReLU (our `relu` flag, FrozenBatchNorm's too).
+
+    torch.nn's layers have no such flag, and a model may hold a child module named relu: only a
+    bool counts."""
+    relu = getattr(module, "relu", False)
+    return relu if isinstance(relu, bool) else False
 
 
 # ---------------------------------------------------------------------------------------------

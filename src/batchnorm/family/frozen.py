@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 
 from batchnorm import functional as F
+from batchnorm.nn import fuses_relu
 
 
 class FrozenBatchNorm(torch.nn.Module):
@@ -86,7 +87,7 @@ def frozen_from(module: torch_bn._BatchNorm) -> FrozenBatchNorm:
                          f"no running statistics (track_running_stats=False)")
     stats = module.running_mean
     frozen = _frozen_class(module)(module.num_features, module.eps,
-                                   relu=getattr(module, "_relu", False), device=stats.device,
+                                   relu=fuses_relu(module), device=stats.device,
                                    dtype=stats.dtype)
     frozen.running_mean.copy_(module.running_mean)
     frozen.running_var.copy_(module.running_var)

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.nn import fuses_relu
+
 __all__ = ["TraceError", "Traced", "trace", "RedundantBias", "find_redundant_biases",
            "FoldPlan", "plan_folds", "PRODUCERS"]
 
@@ -624,7 +626,7 @@ def _plan_previous(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
 def _plan_next(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
     if node.op == "call_module":
         bn = traced.module(node)
-        if getattr(bn, "_relu", False):
+        if fuses_relu(bn):
             return "its fused ReLU sits between it and the next layer"
         if len(node.args) + len(node.kwargs) > 1:
             return "it adds a residual, which the next layer would not see scaled"

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.nn import fuses_relu
 from batchnorm.tools import graph as G
 from batchnorm.tools.weights import absorb_bias, fold_bn_into_next_weights, fold_bn_weights
 
@@ -156,7 +157,7 @@ class BNRemnant(nn.Module):
 
 
 def _remnant(bn: nn.Module, node: fx.Node) -> nn.Module:
-    relu = bool(getattr(bn, "_relu", False))
+    relu = fuses_relu(bn)
     if len(node.args) + len(node.kwargs) > 1:
         return BNRemnant(relu)
     return nn.ReLU() if relu else nn.Identity()
