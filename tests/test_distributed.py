@@ -332,3 +332,12 @@ def test_converted_fused_layer_computes_the_same():
     synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
     assert_close(synced(x), expected, torch.float32, "fused ReLU kept")
 
+
+
+def test_converted_add_relu_layer_still_takes_its_residual():
+    torch.manual_seed(0)
+    fused = batchnorm.BatchNormAddReLU2d(4)
+    x, residual = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + residual)
+    synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert_close(synced(x, residual), expected, torch.float32, "residual add and ReLU kept")

@@ -338,3 +338,17 @@ def test_relu_flag_is_public_and_read_only_as_a_bool():
              batchnorm.FrozenBatchNorm2d(2), Block()]
     assert all(m.relu is True for m in fused)
     assert [fuses_relu(m) for m in fused + plain] == [True] * len(fused) + [False] * len(plain)
+
+
+def test_only_the_add_relu_layers_take_a_residual():
+    """forward(input) as torch.nn's; BatchNormAddReLU*d.forward(input, residual), required."""
+    x = torch.randn(2, 3, 4, 4)
+    for layer in (batchnorm.BatchNorm2d(3), batchnorm.BatchNormReLU2d(3)):
+        with pytest.raises(TypeError):
+            layer(x, x)
+    for layer, input in ((batchnorm.BatchNormAddReLU2d(3), x),
+                         (batchnorm.BatchNormAddReLU3d(3), x[..., None])):
+        torch.testing.assert_close(layer(input, input), torch.relu(
+            torch.nn.functional.batch_norm(input, None, None, training=True) + input))
+        with pytest.raises(TypeError, match="residual"):
+            layer(input)

@@ -103,6 +103,11 @@ class SyncBatchNorm(nn._BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
 
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """relu(batch_norm(input) + residual) when given: the one class for every layer that
+        convert_sync_batchnorm converts, BatchNormAddReLU's call m(x, residual) included."""
+        return self._normalize(input, residual)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(

@@ -85,7 +85,11 @@ class _BatchNorm(torch_bn._BatchNorm):
         tracked = self.num_batches_tracked if self.training else None
         return self.running_mean, self.running_var, tracked
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
         return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
@@ -137,17 +141,11 @@ class BatchNormReLU1d(BatchNorm1d):
 
     relu = True
 
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
-
 
 class BatchNormReLU2d(BatchNorm2d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm2d."""
 
     relu = True
-
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
 
 
 class BatchNormReLU3d(BatchNorm3d):
@@ -155,20 +153,22 @@ class BatchNormReLU3d(BatchNorm3d):
 
     relu = True
 
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
+
+class _AddReLU:
+    """forward(input, residual), the residual required: relu(batch_norm(input) + residual)."""
+
+    relu = True
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return self._normalize(input, residual)
 
 
-class BatchNormAddReLU2d(BatchNorm2d):
+class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
-    relu = True
 
-
-class BatchNormAddReLU3d(BatchNorm3d):
+class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
-
-    relu = True
 
 
 class LazyBatchNorm1d(torch_bn._LazyNormBase, BatchNorm1d):
