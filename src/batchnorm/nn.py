@@ -6,6 +6,8 @@ manage state only (which statistics, the momentum or cumulative factor, the buff
 computation is one call to batchnorm.functional.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
@@ -19,7 +21,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
     "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "convert", "to_torch",
+    "convert", "to_torch", "replace_modules", "swap_class",
 ]
 
 
@@ -109,7 +111,7 @@ class _BatchNorm(torch_bn._BatchNorm):
                 f"equivalent; use torch.compile or torch.export, or batchnorm.to_torch(model) "
                 f"for the layers that have one")
         base, wrapper = twin
-        bn = _swap_class(self, base)
+        bn = swap_class(self, base)
         return bn if wrapper is None else wrapper(bn)
 
     def _sync(self) -> StatsSync | None:
@@ -202,7 +204,29 @@ def fuses_relu(module: torch.nn.Module) -> bool:
 # Swapping torch.nn modules for these and back
 # ---------------------------------------------------------------------------------------------
 
-def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+def replace_modules(model: torch.nn.Module,
+                    fn: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+                    ) -> torch.nn.Module:
+    """Replace modules of model in place: fn(name, module) returns a replacement or None.
+
+    Visits model first (name ""), then its children by their dotted names; a replaced module's
+    children are not visited. Returns model, or fn's replacement when it replaced model itself.
+    """
+
+    def visit(module: torch.nn.Module, name: str) -> torch.nn.Module:
+        replacement = fn(name, module)
+        if replacement is not None:
+            return replacement
+        for child_name, child in module.named_children():
+            new = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return visit(model, "")
+
+
+def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A module of class cls with module's state: the very same Parameter and buffer objects
     (optimizers, parameter hooks and tied weights keep pointing at the live tensors), its
     forward, pre-forward, backward and state_dict hooks, and its instance attributes."""
@@ -224,28 +248,29 @@ def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return fresh
 
 
-def _replace(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
-             skipped: list[str], prefix: str = "") -> torch.nn.Module:
-    kind = type(model)
-    if kind in refuse:
-        raise TypeError(f"{prefix or 'the model'} ({kind.__name__}) {refuse[kind]}")
-    if kind in mapping:
-        target = mapping[kind]
-        if isinstance(model, LazyModuleMixin) and model.has_uninitialized_params():
-            return _fresh_lazy(model, target)
-        swapped = _swap_class(model, target)
-        if issubclass(target, _BatchNorm):
-            swapped._batchnorm_name = prefix
-        return swapped
-    if isinstance(model, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
-            "batchnorm",):
-        skipped.append(f"{prefix or 'the model'} ({kind.__module__}.{kind.__qualname__})")
-    for name, child in model.named_children():
-        replaced = _replace(child, mapping, refuse=refuse, skipped=skipped,
-                            prefix=f"{prefix}.{name}" if prefix else name)
-        if replaced is not child:
-            setattr(model, name, replaced)
-    return model
+def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
+                  skipped: list[str]) -> torch.nn.Module:
+    """replace_modules with swap_class for each module whose exact type is in mapping; a type in
+    refuse raises its TypeError; other torch.nn batch-norm subclasses are named in skipped."""
+
+    def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
+        kind = type(module)
+        if kind in refuse:
+            raise TypeError(f"{name or 'the model'} ({kind.__name__}) {refuse[kind]}")
+        if kind in mapping:
+            target = mapping[kind]
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                return _fresh_lazy(module, target)
+            swapped = swap_class(module, target)
+            if issubclass(target, _BatchNorm):
+                swapped._batchnorm_name = name
+            return swapped
+        if isinstance(module, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
+                "batchnorm",):
+            skipped.append(f"{name or 'the model'} ({kind.__module__}.{kind.__qualname__})")
+        return None
+
+    return replace_modules(model, swap)
 
 
 class _ScriptableReLU(torch.nn.Module):
@@ -307,7 +332,7 @@ def convert(model: torch.nn.Module, *, report: list[str] | None = None) -> torch
     """
     skipped: list[str] = []
     before = {name: type(m) for name, m in model.named_modules()}
-    converted = _replace(model, _torch_to_ours(), refuse={}, skipped=skipped)
+    converted = _swap_classes(model, _torch_to_ours(), refuse={}, skipped=skipped)
     if report is not None:
         for name, module in converted.named_modules():
             if name in before and before[name] is not type(module):
@@ -336,4 +361,4 @@ def to_torch(model: torch.nn.Module) -> torch.nn.Module:
                           BatchNormAddReLU3d)}
     lazy = {LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
             LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
-    return _replace(model, {**mapping, **lazy}, refuse=refuse, skipped=[])
+    return _swap_classes(model, {**mapping, **lazy}, refuse=refuse, skipped=[])
