@@ -83,3 +83,38 @@ def test_nan_warning_points_at_the_caller_names_the_layer_and_counts():
         assert f"skipped batches so far: {expected}" in str(warning.message)
         assert net[1].skipped_batches == expected
     assert "skipped_batches" not in net.state_dict() and int(net[1].num_batches_tracked) == 0
+
+
+def test_replace_modules_visits_by_name_and_replaces_the_root():
+    """The one layer-replacement walk under convert, to_torch, convert_sync_batchnorm and
+    freeze_batchnorm: fn sees every module by its dotted name until it replaces one."""
+    from batchnorm.nn import replace_modules
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
+    seen = []
+
+    def fn(name, module):
+        seen.append(name)
+        return torch.nn.Tanh() if isinstance(module, torch.nn.ReLU) else None
+
+    assert replace_modules(net, fn) is net and type(net[1][0]) is torch.nn.Tanh
+    assert seen == ["", "0", "1", "1.0"]
+    root = replace_modules(net, lambda name, module: torch.nn.Identity() if name == "" else None)
+    assert type(root) is torch.nn.Identity
+    # a replaced module's children are not visited
+    seen.clear()
+    replace_modules(net, lambda name, module: seen.append(name) or (module if name else None))
+    assert seen == ["", "0", "1"]  # "1" kept as it is (returned), "1.0" never seen
+
+
+def test_convert_sync_batchnorm_keeps_hooks_like_convert():
+    from batchnorm.distributed import SyncBatchNorm
+
+    bn = torch.nn.BatchNorm2d(4)
+    calls = []
+    bn.register_forward_hook(lambda m, args, out: calls.append("forward"))
+    bn.my_tag = "keep me"
+    synced = SyncBatchNorm.convert_sync_batchnorm(bn, process_group="group-token")
+    synced(torch.randn(2, 4, 3, 3))
+    assert calls == ["forward"] and synced.my_tag == "keep me" and not synced.relu
+    assert synced.process_group == "group-token" and synced.weight is bn.weight

@@ -314,7 +314,7 @@ def test_convert_sync_batchnorm_keeps_state_and_objects():
         assert type(layer) is SyncBatchNorm, f"layer {index} not converted"
         assert layer.process_group == "group-token"
         assert int(layer.num_batches_tracked) == 5
-    assert model[4]._relu and not model[0]._relu
+    assert model[4].relu and not model[0].relu
     assert type(model[6]) is family.GhostBatchNorm2d and type(model[7]) is family.BatchRenorm2d
     weights = [m.weight for m in model.modules() if isinstance(m, SyncBatchNorm)]
     assert all(any(w is old[0] for old in before.values()) for w in weights)  # same objects
@@ -332,3 +332,12 @@ def test_converted_fused_layer_computes_the_same():
     synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
     assert_close(synced(x), expected, torch.float32, "fused ReLU kept")
 
+
+
+def test_converted_add_relu_layer_still_takes_its_residual():
+    torch.manual_seed(0)
+    fused = batchnorm.BatchNormAddReLU2d(4)
+    x, residual = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + residual)
+    synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert_close(synced(x, residual), expected, torch.float32, "residual add and ReLU kept")

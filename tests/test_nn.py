@@ -319,3 +319,36 @@ def test_torch_fx_keeps_our_layers_as_leaves():
     model.eval()
     torch.testing.assert_close(traced(x), model(x))  # the mode switch still reaches the layer
     assert type(model[1]).__module__ == "batchnorm.nn"  # the class (pickling) is unchanged
+
+
+def test_relu_flag_is_public_and_read_only_as_a_bool():
+    """`relu` says which layers fuse a ReLU; a child module named relu is not that flag."""
+    from batchnorm.nn import fuses_relu
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.relu = torch.nn.BatchNorm2d(2), torch.nn.ReLU()
+
+    fused = [batchnorm.BatchNormReLU1d(2), batchnorm.BatchNormReLU2d(2),
+             batchnorm.BatchNormReLU3d(2), batchnorm.BatchNormAddReLU2d(2),
+             batchnorm.BatchNormAddReLU3d(2), batchnorm.SyncBatchNorm(2, relu=True),
+             batchnorm.FrozenBatchNorm2d(2, relu=True)]
+    plain = [batchnorm.BatchNorm2d(2), batchnorm.SyncBatchNorm(2), torch.nn.BatchNorm2d(2),
+             batchnorm.FrozenBatchNorm2d(2), Block()]
+    assert all(m.relu is True for m in fused)
+    assert [fuses_relu(m) for m in fused + plain] == [True] * len(fused) + [False] * len(plain)
+
+
+def test_only_the_add_relu_layers_take_a_residual():
+    """forward(input) as torch.nn's; BatchNormAddReLU*d.forward(input, residual), required."""
+    x = torch.randn(2, 3, 4, 4)
+    for layer in (batchnorm.BatchNorm2d(3), batchnorm.BatchNormReLU2d(3)):
+        with pytest.raises(TypeError):
+            layer(x, x)
+    for layer, input in ((batchnorm.BatchNormAddReLU2d(3), x),
+                         (batchnorm.BatchNormAddReLU3d(3), x[..., None])):
+        torch.testing.assert_close(layer(input, input), torch.relu(
+            torch.nn.functional.batch_norm(input, None, None, training=True) + input))
+        with pytest.raises(TypeError, match="residual"):
+            layer(input)

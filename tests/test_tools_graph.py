@@ -7,7 +7,9 @@ from torch import nn
 
 import batchnorm
 from batchnorm.tools import TraceError, fold_bn, strip_redundant_biases
-from batchnorm.tools.graph import find_redundant_biases, plan_folds, traced_copy
+from batchnorm.tools.biases import find_redundant_biases
+from batchnorm.tools.folding import plan_folds
+from batchnorm.tools.tracing import traced_copy
 
 X4 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 
@@ -431,3 +433,13 @@ def test_bias_meeting_two_bns_through_a_shared_sum_stays():
                    bn2=nn.BatchNorm2d(4))
     found, skipped = _redundant(model)
     assert found == set() and "2 users" in skipped["a"] and "2 users" in skipped["b"]
+
+
+def test_amax_with_another_tensor_argument_is_a_reason_not_a_crash():
+    """torch.amax(..., out=t) reads a second traced tensor, whose values the trace did not keep:
+    the bias is skipped with a reason (it used to raise AttributeError)."""
+    model = Lambda(lambda s, x: s.bn(torch.amax(s.a(x), dim=(2, 3), keepdim=True,
+                                                out=torch.empty(2, 4, 1, 1, dtype=x.dtype))),
+                   a=nn.Conv2d(3, 4, 3), bn=nn.BatchNorm2d(4))
+    found, skipped = _redundant(model)
+    assert found == set() and "another tensor argument" in skipped["a"]

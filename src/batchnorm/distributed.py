@@ -98,10 +98,15 @@ class SyncBatchNorm(nn._BatchNorm):
                  device=None, dtype=None, *, relu: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
-        self._relu = relu
+        self.relu = relu
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", relu=True" if self._relu else "")
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """relu(batch_norm(input) + residual) when given: the one class for every layer that
+        convert_sync_batchnorm converts, BatchNormAddReLU's call m(x, residual) included."""
+        return self._normalize(input, residual)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -130,31 +135,26 @@ class SyncBatchNorm(nn._BatchNorm):
 
         Converts torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm, this package's BatchNorm1d/2d/3d,
         fused BatchNormReLU / BatchNormAddReLU (the ReLU is kept) and SyncBatchNorm (to the new
-        process_group). The new layers hold the very same Parameter and buffer objects, so state,
-        optimizer references and tied weights are kept. Ghost batch norm and batch
+        process_group). The new layers hold the very same Parameter and buffer objects and keep
+        the old ones' hooks and instance attributes (nn.swap_class, as batchnorm.convert), so
+        state, optimizer references, tied weights and hooks are kept. Ghost batch norm and batch
         renormalization define their own statistics and are left as they are.
         Returns module, or the new layer when module itself is a batch-norm layer.
         """
         from batchnorm import family  # family builds on nn like this file; imported on use
 
-        if isinstance(module, torch_bn._BatchNorm) and not isinstance(module, family.FAMILY):
-            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        def to_sync(name: str, layer: torch.nn.Module) -> torch.nn.Module | None:
+            if not isinstance(layer, torch_bn._BatchNorm) or isinstance(layer, family.FAMILY):
+                return None
+            if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
                 raise ValueError(
-                    f"convert_sync_batchnorm: {type(module).__name__} has not seen an input yet "
+                    f"convert_sync_batchnorm: {type(layer).__name__} has not seen an input yet "
                     f"(num_features unknown); run one forward pass before converting"
                 )
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, device="meta",
-                            relu=getattr(module, "_relu", False))
-            converted._parameters = dict(module._parameters)  # the same objects, not copies
-            converted._buffers = dict(module._buffers)
-            converted._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-            converted.training = module.training
-            if hasattr(module, "qconfig"):
-                converted.qconfig = module.qconfig
+            converted = nn.swap_class(layer, cls)  # the same Parameter and buffer objects
+            converted.process_group = process_group
+            if nn.fuses_relu(layer):  # BatchNormReLU / BatchNormAddReLU: a class attribute there
+                converted.relu = True
             return converted
-        for name, child in module.named_children():
-            converted = cls.convert_sync_batchnorm(child, process_group)
-            if converted is not child:
-                setattr(module, name, converted)
-        return module
+
+        return nn.replace_modules(module, to_sync)

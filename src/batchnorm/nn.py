@@ -6,6 +6,8 @@ manage state only (which statistics, the momentum or cumulative factor, the buff
 computation is one call to batchnorm.functional.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
@@ -19,7 +21,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
     "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "convert", "to_torch",
+    "convert", "to_torch", "replace_modules", "swap_class",
 ]
 
 
@@ -28,7 +30,9 @@ class _BatchNorm(torch_bn._BatchNorm):
 
     _ranks: tuple[int, ...] = ()
     _layouts: str = ""
-    _relu: bool = False
+    # Whether the layer applies a fused ReLU after the normalization (BatchNormReLU*,
+    # BatchNormAddReLU*, SyncBatchNorm(relu=True)). Other files read it through fuses_relu().
+    relu: bool = False
     # Training batches whose statistics were not finite (NaN/Inf), skipped by the guard: read
     # it from the module; it is not in the state_dict (checkpoints stay torch's).
     skipped_batches: int = 0
@@ -83,12 +87,16 @@ class _BatchNorm(torch_bn._BatchNorm):
         tracked = self.num_batches_tracked if self.training else None
         return self.running_mean, self.running_var, tracked
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
         return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
                              self._use_batch_stats(), self.momentum, self.eps,
-                             residual=residual, relu=self._relu,
+                             residual=residual, relu=self.relu,
                              num_batches_tracked=num_batches_tracked, sync=self._sync(),
                              layer=self)
 
@@ -103,7 +111,7 @@ class _BatchNorm(torch_bn._BatchNorm):
                 f"equivalent; use torch.compile or torch.export, or batchnorm.to_torch(model) "
                 f"for the layers that have one")
         base, wrapper = twin
-        bn = _swap_class(self, base)
+        bn = swap_class(self, base)
         return bn if wrapper is None else wrapper(bn)
 
     def _sync(self) -> StatsSync | None:
@@ -133,40 +141,36 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
 class BatchNormReLU1d(BatchNorm1d):
     """relu(batch_norm(x)) in one pass forward and one backward; state_dict of a BatchNorm1d."""
 
-    _relu = True
-
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
+    relu = True
 
 
 class BatchNormReLU2d(BatchNorm2d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm2d."""
 
-    _relu = True
-
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
+    relu = True
 
 
 class BatchNormReLU3d(BatchNorm3d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm3d."""
 
-    _relu = True
-
-    def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input)
+    relu = True
 
 
-class BatchNormAddReLU2d(BatchNorm2d):
+class _AddReLU:
+    """forward(input, residual), the residual required: relu(batch_norm(input) + residual)."""
+
+    relu = True
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return self._normalize(input, residual)
+
+
+class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
-    _relu = True
 
-
-class BatchNormAddReLU3d(BatchNorm3d):
+class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
-
-    _relu = True
 
 
 class LazyBatchNorm1d(torch_bn._LazyNormBase, BatchNorm1d):
@@ -187,11 +191,42 @@ class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
+def fuses_relu(module: torch.nn.Module) -> bool:
+    """Whether module is a batch norm with a fused ReLU (our `relu` flag, FrozenBatchNorm's too).
+
+    torch.nn's layers have no such flag, and a model may hold a child module named relu: only a
+    bool counts."""
+    relu = getattr(module, "relu", False)
+    return relu if isinstance(relu, bool) else False
+
+
 # ---------------------------------------------------------------------------------------------
 # Swapping torch.nn modules for these and back
 # ---------------------------------------------------------------------------------------------
 
-def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+def replace_modules(model: torch.nn.Module,
+                    fn: Callable[[str, torch.nn.Module], torch.nn.Module | None],
+                    ) -> torch.nn.Module:
+    """Replace modules of model in place: fn(name, module) returns a replacement or None.
+
+    Visits model first (name ""), then its children by their dotted names; a replaced module's
+    children are not visited. Returns model, or fn's replacement when it replaced model itself.
+    """
+
+    def visit(module: torch.nn.Module, name: str) -> torch.nn.Module:
+        replacement = fn(name, module)
+        if replacement is not None:
+            return replacement
+        for child_name, child in module.named_children():
+            new = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return visit(model, "")
+
+
+def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A module of class cls with module's state: the very same Parameter and buffer objects
     (optimizers, parameter hooks and tied weights keep pointing at the live tensors), its
     forward, pre-forward, backward and state_dict hooks, and its instance attributes."""
@@ -213,28 +248,29 @@ def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return fresh
 
 
-def _replace(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
-             skipped: list[str], prefix: str = "") -> torch.nn.Module:
-    kind = type(model)
-    if kind in refuse:
-        raise TypeError(f"{prefix or 'the model'} ({kind.__name__}) {refuse[kind]}")
-    if kind in mapping:
-        target = mapping[kind]
-        if isinstance(model, LazyModuleMixin) and model.has_uninitialized_params():
-            return _fresh_lazy(model, target)
-        swapped = _swap_class(model, target)
-        if issubclass(target, _BatchNorm):
-            swapped._batchnorm_name = prefix
-        return swapped
-    if isinstance(model, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
-            "batchnorm",):
-        skipped.append(f"{prefix or 'the model'} ({kind.__module__}.{kind.__qualname__})")
-    for name, child in model.named_children():
-        replaced = _replace(child, mapping, refuse=refuse, skipped=skipped,
-                            prefix=f"{prefix}.{name}" if prefix else name)
-        if replaced is not child:
-            setattr(model, name, replaced)
-    return model
+def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
+                  skipped: list[str]) -> torch.nn.Module:
+    """replace_modules with swap_class for each module whose exact type is in mapping; a type in
+    refuse raises its TypeError; other torch.nn batch-norm subclasses are named in skipped."""
+
+    def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
+        kind = type(module)
+        if kind in refuse:
+            raise TypeError(f"{name or 'the model'} ({kind.__name__}) {refuse[kind]}")
+        if kind in mapping:
+            target = mapping[kind]
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                return _fresh_lazy(module, target)
+            swapped = swap_class(module, target)
+            if issubclass(target, _BatchNorm):
+                swapped._batchnorm_name = name
+            return swapped
+        if isinstance(module, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
+                "batchnorm",):
+            skipped.append(f"{name or 'the model'} ({kind.__module__}.{kind.__qualname__})")
+        return None
+
+    return replace_modules(model, swap)
 
 
 class _ScriptableReLU(torch.nn.Module):
@@ -296,7 +332,7 @@ def convert(model: torch.nn.Module, *, report: list[str] | None = None) -> torch
     """
     skipped: list[str] = []
     before = {name: type(m) for name, m in model.named_modules()}
-    converted = _replace(model, _torch_to_ours(), refuse={}, skipped=skipped)
+    converted = _swap_classes(model, _torch_to_ours(), refuse={}, skipped=skipped)
     if report is not None:
         for name, module in converted.named_modules():
             if name in before and before[name] is not type(module):
@@ -325,4 +361,4 @@ def to_torch(model: torch.nn.Module) -> torch.nn.Module:
                           BatchNormAddReLU3d)}
     lazy = {LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
             LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
-    return _replace(model, {**mapping, **lazy}, refuse=refuse, skipped=[])
+    return _swap_classes(model, {**mapping, **lazy}, refuse=refuse, skipped=[])

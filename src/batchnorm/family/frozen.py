@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 
 from batchnorm import functional as F
+from batchnorm.nn import fuses_relu, replace_modules
 
 
 class FrozenBatchNorm(torch.nn.Module):
@@ -86,7 +87,7 @@ def frozen_from(module: torch_bn._BatchNorm) -> FrozenBatchNorm:
                          f"no running statistics (track_running_stats=False)")
     stats = module.running_mean
     frozen = _frozen_class(module)(module.num_features, module.eps,
-                                   relu=getattr(module, "_relu", False), device=stats.device,
+                                   relu=fuses_relu(module), device=stats.device,
                                    dtype=stats.dtype)
     frozen.running_mean.copy_(module.running_mean)
     frozen.running_var.copy_(module.running_var)
@@ -105,11 +106,6 @@ def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     (detection / fine-tuning with small batches). Returns model, or the new layer when model
     itself is a batch-norm layer.
     """
-    if isinstance(model, torch_bn._BatchNorm):
-        return frozen_from(model)
-    for name, child in model.named_children():
-        frozen = freeze_batchnorm(child)
-        if frozen is not child:
-            setattr(model, name, frozen)
-    return model
+    return replace_modules(
+        model, lambda name, m: frozen_from(m) if isinstance(m, torch_bn._BatchNorm) else None)
 

@@ -1,7 +1,9 @@
 """Model tools around batch norm, on torch.fx graphs.
 
     weights     pure tensor functions: bn_scale_shift, fold_bn_weights, fold_bn_into_next_weights
-    graph       trace (TraceError when torch.fx cannot), find_redundant_biases, plan_folds
+    tracing     trace (TraceError when torch.fx cannot), traced_copy, the shared graph queries
+    biases      find_redundant_biases: the proof that a BN cancels a producer's bias
+    folding     plan_folds: which BNs fold into a neighbouring Conv/Linear in eval mode
     surgery     strip_redundant_biases, fold_bn, inspect_model (each on a deep copy, with a report)
     stats       recalibrate ("precise BN"), diagnose (running statistics against data)
     commands    the `batchnorm inspect | fold | strip-bias` command line
@@ -10,13 +12,8 @@ Every BN is recognised as an instance of torch.nn.modules.batchnorm._BatchNorm, 
 modules and batchnorm's alike (including the fused BatchNormReLU / BatchNormAddReLU).
 """
 
-from batchnorm.tools.graph import (
-    RedundantBias,
-    TraceError,
-    find_redundant_biases,
-    plan_folds,
-    trace,
-)
+from batchnorm.tools.biases import RedundantBias, find_redundant_biases
+from batchnorm.tools.folding import plan_folds
 from batchnorm.tools.stats import Diagnosis, RecalibrationReport, diagnose, recalibrate
 from batchnorm.tools.surgery import (
     BNRemnant,
@@ -28,6 +25,7 @@ from batchnorm.tools.surgery import (
     max_output_difference,
     strip_redundant_biases,
 )
+from batchnorm.tools.tracing import TraceError, trace
 from batchnorm.tools.weights import (
     absorb_bias,
     bn_scale_shift,

@@ -14,7 +14,10 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.tools import graph as G
+from batchnorm.nn import fuses_relu
+from batchnorm.tools.biases import RedundantBias, find_redundant_biases
+from batchnorm.tools.folding import FoldPlan, functional_bn_args, plan_folds
+from batchnorm.tools.tracing import CONV_TRANSPOSES, as_tuple, bn_input, trace, traced_copy
 from batchnorm.tools.weights import absorb_bias, fold_bn_into_next_weights, fold_bn_weights
 
 __all__ = ["StripReport", "strip_redundant_biases", "FoldReport", "fold_bn", "BNRemnant",
@@ -31,7 +34,7 @@ def _run(model: nn.Module, example_inputs: Any, training: bool) -> Any:
     model.train(training)
     try:
         with torch.no_grad():
-            return model(*G._as_tuple(example_inputs))
+            return model(*as_tuple(example_inputs))
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -74,7 +77,7 @@ def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
 
 @dataclasses.dataclass
 class StripReport:
-    removed: list[G.RedundantBias]
+    removed: list[RedundantBias]
     skipped: list[tuple[str, str]]  # (layer with a bias, why it stays)
     parameters_removed: int
     max_abs_diff: float  # eval mode
@@ -96,8 +99,8 @@ def analyse_biases(model: nn.Module, example_inputs: Any):
 
     A forward may branch on self.training, so a bias counts only when both graphs prove it.
     """
-    found_train, skipped_train = G.find_redundant_biases(G.traced_copy(model, example_inputs, True))
-    found_eval, skipped_eval = G.find_redundant_biases(G.traced_copy(model, example_inputs, False))
+    found_train, skipped_train = find_redundant_biases(traced_copy(model, example_inputs, True))
+    found_eval, skipped_eval = find_redundant_biases(traced_copy(model, example_inputs, False))
     in_train = {(f.layer, f.bn): f for f in found_train}
     found, skipped = [], dict(skipped_eval)
     for f in found_eval:
@@ -156,7 +159,7 @@ class BNRemnant(nn.Module):
 
 
 def _remnant(bn: nn.Module, node: fx.Node) -> nn.Module:
-    relu = bool(getattr(bn, "_relu", False))
+    relu = fuses_relu(bn)
     if len(node.args) + len(node.kwargs) > 1:
         return BNRemnant(relu)
     return nn.ReLU() if relu else nn.Identity()
@@ -164,7 +167,7 @@ def _remnant(bn: nn.Module, node: fx.Node) -> nn.Module:
 
 @dataclasses.dataclass
 class FoldReport:
-    folded: list[G.FoldPlan]
+    folded: list[FoldPlan]
     skipped: list[tuple[str, str]]  # (BN, why it stays)
     max_abs_diff: float
     parameters_before: int
@@ -191,7 +194,7 @@ def _bn_tensors(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None):
     """(running_mean, running_var, eps, weight, bias) of a BN module or an F.batch_norm call."""
     if module is not None:
         return module.running_mean, module.running_var, module.eps, module.weight, module.bias
-    named = G.functional_bn_args(node)
+    named = functional_bn_args(node)
     mean, var, gamma, beta = (None if named[k] is None else _fetch(gm, named[k].target)
                               for k in ("running_mean", "running_var", "weight", "bias"))
     return mean, var, named["eps"], gamma, beta
@@ -227,9 +230,9 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
     left untouched.
     """
     folded = copy.deepcopy(model).eval()
-    traced = G.trace(folded, example_inputs)
+    traced = trace(folded, example_inputs)
     gm = traced.graph_module
-    plans, skipped = G.plan_folds(traced)
+    plans, skipped = plan_folds(traced)
     nodes = {n.name: n for n in gm.graph.nodes}
     by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     graph_changed, erased_attributes = False, set()
@@ -241,17 +244,17 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
         groups = getattr(layer, "groups", 1)
         if plan.direction == "into previous":
             w, b = fold_bn_weights(layer.weight, layer.bias, mean, var, eps, gamma, beta,
-                                   transposed=isinstance(layer, G.CONV_TRANSPOSES), groups=groups)
+                                   transposed=isinstance(layer, CONV_TRANSPOSES), groups=groups)
         else:
             w, b = fold_bn_into_next_weights(layer.weight, layer.bias, mean, var, eps, gamma,
                                              beta, groups=groups)
         layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)  # new tensors:
         layer.bias = nn.Parameter(b)  # a weight tied elsewhere keeps its value there
         if plan.functional:
-            named = G.functional_bn_args(node)
+            named = functional_bn_args(node)
             keys = ("running_mean", "running_var", "weight", "bias")
             erased_attributes |= {named[k].target for k in keys if named[k] is not None}
-            node.replace_all_uses_with(G.bn_input(node))
+            node.replace_all_uses_with(bn_input(node))
             gm.graph.erase_node(node)
             graph_changed = True
         else:
@@ -278,9 +281,9 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
 @dataclasses.dataclass
 class Inspection:
     rows: list[dict[str, Any]]  # one per BN, in graph order
-    redundant: list[G.RedundantBias]
+    redundant: list[RedundantBias]
     kept_biases: list[tuple[str, str]]
-    folds: list[G.FoldPlan]
+    folds: list[FoldPlan]
     not_folded: list[tuple[str, str]]
     parameters: int
     parameters_saved_by_strip: int
@@ -291,7 +294,7 @@ class Inspection:
 def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
     """Everything the tools would do to model, without doing it (fold and strip run on copies)."""
     redundant, kept = analyse_biases(model, example_inputs)
-    traced = G.traced_copy(model, example_inputs, False)
+    traced = traced_copy(model, example_inputs, False)
     _, fold_report = fold_bn(model, example_inputs)
     fold_of = {p.bn: p for p in fold_report.folded}
     skip_of = dict(fold_report.skipped)
@@ -307,8 +310,8 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
             stats = "running" if module.running_mean is not None else "batch"
             tracked = (int(module.num_batches_tracked) if module.num_batches_tracked is not None
                        else "-")
-        elif G.functional_bn_args(node) is not None:
-            named = G.functional_bn_args(node)
+        elif functional_bn_args(node) is not None:
+            named = functional_bn_args(node)
             name, kind, eps = node.name, "F.batch_norm", named["eps"]
             channels = traced.shape(node)[1]
             affine = named["weight"] is not None

@@ -1,4 +1,4 @@
-"""Tracing a model with torch.fx and reading its graph: which biases a BN cancels, which BNs fold.
+"""Redundant biases: which producer biases a batch norm provably cancels, read off the fx graph.
 
 Every answer here is exact or absent: a layer is reported only when the graph proves it, and a
 model torch.fx cannot trace gets a TraceError naming what failed, never a guess from module order.
@@ -31,24 +31,31 @@ path look redundant. A second probe labels the batch samples: a path that mixes 
 over the batch) would bring the bias in scaled by the batch size, and is not reported.
 """
 
-import builtins
-import copy
 import dataclasses
 import operator
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["TraceError", "Traced", "trace", "RedundantBias", "find_redundant_biases",
-           "FoldPlan", "plan_folds", "PRODUCERS"]
+from batchnorm.tools.tracing import (
+    TensorRecord,
+    Traced,
+    as_tuple,
+    bn_input,
+    bn_shared_reason,
+    feature_dim,
+    has_hooks,
+    is_bn_module_call,
+    is_producer,
+    occurrences,
+    producer_reason,
+    tensor_owners,
+    value_users,
+)
 
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-PRODUCERS = CONVS + CONV_TRANSPOSES + (nn.Linear,)
+__all__ = ["RedundantBias", "find_redundant_biases"]
 
 _AFFINE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
@@ -78,180 +85,7 @@ _SCALE_FUNCTIONS = {operator.mul, torch.mul, torch.multiply, operator.truediv, t
 _SCALE_METHODS = {"mul", "multiply", "div", "divide", "true_divide"}
 _DIVISIONS = {operator.truediv, torch.div, torch.divide, torch.true_divide, "div", "divide",
               "true_divide"}
-_SHAPE_METHODS = {"size", "dim"}  # users that read only the shape, not the values
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
 
-
-class TraceError(RuntimeError):
-    """torch.fx could not turn the model into a graph, or the graph could not run on the input."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorRecord:
-    shape: torch.Size
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass
-class Traced:
-    """A model, its fx graph (sharing the model's submodules) and what each node produced."""
-
-    model: nn.Module
-    graph_module: fx.GraphModule
-    values: dict[fx.Node, Any]  # tensors as _TensorRecord (shape, dtype), everything else as is
-    calls: dict[int, int]  # id(module) -> number of call_module nodes calling it
-
-    def module(self, node: fx.Node) -> nn.Module | None:
-        if node.op != "call_module":
-            return None
-        return self.graph_module.get_submodule(node.target)
-
-    def name(self, node: fx.Node) -> str:
-        if node.op == "call_module":
-            return f"{node.target} ({type(self.module(node)).__name__})"
-        if node.op == "call_function":
-            return getattr(node.target, "__name__", str(node.target))
-        return f"{node.op} {node.target}"
-
-    def shape(self, node: fx.Node) -> torch.Size | None:
-        value = self.values.get(node)
-        return value.shape if isinstance(value, _TensorRecord) else None
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer with every batch-norm module a leaf, and a record of where it failed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.failed_in: list[str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(f"{self.path_of_module(m) or '(root)'} ({type(m).__name__})")
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = list(self.stack)
-            raise
-        finally:
-            self.stack.pop()
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except Exception as exc:
-            raise TraceError(f"the traced graph failed at node {n.name} ({n.op} {n.target}) on "
-                             f"the example input: {type(exc).__name__}: {exc}") from exc
-        self.values[n] = _TensorRecord(out.shape, out.dtype) if isinstance(out, Tensor) else out
-        return out
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def trace(model: nn.Module, example_inputs: Any) -> Traced:
-    """Trace model with torch.fx (BN modules as leaves) and run the graph once on example_inputs.
-
-    The run is under no_grad, but a BN in training mode updates its buffers: pass a copy when that
-    matters (the public tools do). Raises TraceError naming the module where tracing failed.
-    """
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = " -> ".join(tracer.failed_in or [f"(root) ({type(model).__name__})"])
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}; it failed inside {where}: "
-            f"{type(exc).__name__}: {exc}. The tools only act on what the graph proves; make "
-            f"that code traceable (no Python control flow on tensor values) or wrap it in a "
-            f"leaf module"
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(*_as_tuple(example_inputs))
-    calls: dict[int, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            key = id(gm.get_submodule(node.target))
-            calls[key] = calls.get(key, 0) + 1
-    return Traced(model, gm, recorder.values, calls)
-
-
-# ---------------------------------------------------------------------------------------------
-# Graph queries
-# ---------------------------------------------------------------------------------------------
-
-def _is_shape_only(user: fx.Node) -> bool:
-    if user.op == "call_method" and user.target in _SHAPE_METHODS:
-        return True
-    return (user.op == "call_function" and user.target is builtins.getattr
-            and len(user.args) > 1 and user.args[1] in _SHAPE_ATTRS)
-
-
-def value_users(node: fx.Node) -> list[fx.Node]:
-    """Users that read node's values (x.size(0) or x.shape read only its shape)."""
-    return [u for u in node.users if not _is_shape_only(u)]
-
-
-def _occurrences(node: fx.Node, user: fx.Node) -> int:
-    found = []
-    fx.node.map_arg((user.args, user.kwargs), lambda n: found.append(n) if n is node else None)
-    return len(found)
-
-
-def _attr_users(traced: Traced, qualname: str) -> list[str]:
-    """get_attr nodes reading a parameter or buffer of the module at qualname."""
-    prefix = qualname + "."
-    return [str(n.target) for n in traced.graph_module.graph.nodes
-            if n.op == "get_attr" and str(n.target).startswith(prefix)]
-
-
-def _tensor_owners(model: nn.Module) -> dict[int, int]:
-    """id(tensor) -> how many (module, name) slots hold it: > 1 means tied weights or buffers."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for t in list(module._parameters.values()) + list(module._buffers.values()):
-            if t is not None:
-                owners[id(t)] = owners.get(id(t), 0) + 1
-    return owners
-
-
-def is_bn_module_call(traced: Traced, node: fx.Node) -> bool:
-    return isinstance(traced.module(node), _BatchNorm)
-
-
-def bn_input(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, fx.Node) else None
-
-
-def _is_producer(module: nn.Module | None) -> bool:
-    return type(module) in PRODUCERS  # exact types: a subclass may change forward
-
-
-def _feature_dim(module: nn.Module, out_shape: torch.Size) -> int | None:
-    """The dim of the producer's output that its bias (and weight rows) run along."""
-    if isinstance(module, nn.Linear):
-        return len(out_shape) - 1
-    spatial = len(module.kernel_size)
-    return 1 if len(out_shape) == spatial + 2 else None  # None: unbatched input
-
-
-# ---------------------------------------------------------------------------------------------
-# Redundant biases
-# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class RedundantBias:
@@ -286,7 +120,7 @@ def _concrete(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor,
         if n is chain:
             return field
         v = traced.values.get(n)
-        if isinstance(v, _TensorRecord):
+        if isinstance(v, TensorRecord):
             if zero_others:
                 return torch.zeros(v.shape, dtype=torch.float64)
             bad.append(n.name)
@@ -377,12 +211,15 @@ def _operand_reason(traced: Traced, node: fx.Node, chain: fx.Node, kind: str) ->
     return None
 
 
-def _amax_dims(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> list[int]:
+def _amax_dims(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> list[int] | None:
+    """The dims an amax reduces, or None when it reads another traced tensor (out=, say)."""
     args, kwargs = _concrete(traced, node, chain, field)
+    if args is None:
+        return None
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None or dim == ():
         return list(range(field.dim()))  # amax over everything
-    return [d % field.dim() for d in _as_tuple(dim)]
+    return [d % field.dim() for d in as_tuple(dim)]
 
 
 def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
@@ -402,7 +239,7 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
         user = users[0]
         if user.op == "output":
             return f"{traced.name(node)} is a model output before reaching any batch norm"
-        if _occurrences(node, user) != 1:
+        if occurrences(node, user) != 1:
             return f"{traced.name(user)} reads {traced.name(node)} more than once"
         if is_bn_module_call(traced, user):
             if bn_input(user) is not node:
@@ -421,12 +258,14 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
             joins.append(traced.name(user))
         elif not (user.args and user.args[0] is node):
             return f"{traced.name(user)} reads {traced.name(node)} other than as its input"
-        if _has_hooks(traced.module(user)):
+        if has_hooks(traced.module(user)):
             return f"{traced.name(user)} has forward hooks, which the graph does not show"
         probe = fields["probe"]
         if kind == "max":
             dims = (list(range(probe.dim() - pooled, probe.dim())) if pooled > 0 else
                     _amax_dims(traced, user, node, probe))
+            if dims is None:
+                return f"{traced.name(user)} takes another tensor argument"
             others = set(range(probe.dim())) - set(dims)
             if not all(_constant_except(f, others) for f in fields.values()):
                 return f"{traced.name(user)} takes a max over a window where the bias varies"
@@ -457,55 +296,23 @@ def _per_sample(fields: dict[str, Tensor], labels: Tensor) -> bool:
     return bool(((samples - expected).abs() <= 1e-9 * (1 + ones.abs())).all())
 
 
-def _has_hooks(module: nn.Module | None) -> bool:
-    """Forward hooks can change a module's output without the fx graph showing it."""
-    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _bn_shared_reason(traced: Traced, bn_node: fx.Node, owners: dict[int, int]) -> str | None:
-    bn = traced.module(bn_node)
-    if _has_hooks(bn):
-        return f"{bn_node.target} has forward hooks, which the graph does not show"
-    if traced.calls[id(bn)] != 1:
-        return f"{bn_node.target} is called {traced.calls[id(bn)]} times (a shared module)"
-    if _attr_users(traced, str(bn_node.target)):
-        return f"{bn_node.target}'s parameters or buffers are also read directly"
-    tied = [t for t in (bn.running_mean, bn.weight, bn.bias) if t is not None and owners[id(t)] > 1]
-    if tied:
-        return f"{bn_node.target} shares a parameter or buffer with another module"
-    return None
-
-
-def _producer_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> str | None:
-    module = traced.module(node)
-    if traced.calls[id(module)] != 1:
-        return f"called {traced.calls[id(module)]} times (a shared module)"
-    if _has_hooks(module):
-        return "it has forward hooks, which the graph does not show"
-    if _attr_users(traced, str(node.target)):
-        return "its parameters are also read directly by the graph"
-    if _feature_dim(module, traced.shape(node)) is None:
-        return "called on an unbatched input"
-    return None
-
-
 def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tuple[str, str]]]:
     """Every producer bias the graph proves a BN cancels, and (layer, reason) for other biases."""
     found, skipped = [], []
-    owners = _tensor_owners(traced.model)
+    owners = tensor_owners(traced.model)
     generator = torch.Generator().manual_seed(0)
     for node in traced.graph_module.graph.nodes:
         module = traced.module(node)
-        if not _is_producer(module) or module.bias is None:
+        if not is_producer(module) or module.bias is None:
             continue
-        reason = _producer_reason(traced, node, owners)
+        reason = producer_reason(traced, node, owners)
         if reason is None and owners[id(module.bias)] > 1:
             reason = "its bias is shared with another module"
         if reason is not None:
             skipped.append((str(node.target), reason))
             continue
         out_shape = traced.shape(node)
-        dim = _feature_dim(module, out_shape)
+        dim = feature_dim(module, out_shape)
         view = [1] * len(out_shape)
         view[dim] = -1
         c = module.bias.numel()
@@ -524,7 +331,7 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
             continue
         bn_node, through, joins, fields = walked
         probe, actual = fields["probe"], fields["actual"]
-        reason = _bn_shared_reason(traced, bn_node, owners)
+        reason = bn_shared_reason(traced, bn_node, owners)
         if reason is None and not _per_sample(fields, labels):
             reason = (f"between it and {bn_node.target} samples of the batch are mixed, so the "
                       f"bias would reach the BN scaled by the batch size")
@@ -543,140 +350,3 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
         found.append(RedundantBias(str(node.target), str(bn_node.target), through, channel_bias, c,
                                    reached, joins))
     return found, skipped
-
-
-# ---------------------------------------------------------------------------------------------
-# Foldable pairs (eval mode)
-# ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class FoldPlan:
-    """Fold the BN at `bn` (a module name, or a functional call's node name) into `layer`.
-
-    direction "into previous": layer(x) -> bn: layer's output channels absorb BN.
-    direction "into next": bn -> layer: layer's input channels absorb BN.
-    """
-
-    bn: str
-    layer: str
-    direction: str
-    functional: bool = False
-
-
-_FUNCTIONAL_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training",
-                       "momentum", "eps")
-
-
-def functional_bn_args(node: fx.Node) -> dict[str, Any] | None:
-    """F.batch_norm's arguments by name, or None when node is not an F.batch_norm call."""
-    if node.op != "call_function" or node.target is not F.batch_norm:
-        return None
-    named = dict(zip(_FUNCTIONAL_BN_ARGS, node.args, strict=False))
-    named.update(node.kwargs)
-    for key, default in (("weight", None), ("bias", None), ("training", False), ("eps", 1e-5)):
-        named.setdefault(key, default)
-    return named
-
-
-def _bn_eval_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> str | None:
-    """Why the BN at node cannot become a fixed affine map in eval mode, or None."""
-    named = functional_bn_args(node)
-    if named is not None:
-        if named["training"] is not False:
-            return "functional batch_norm with training not a constant False"
-        for key in ("running_mean", "running_var", "weight", "bias"):
-            arg = named[key]
-            if arg is not None and not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-                return f"functional batch_norm's {key} is computed in the graph, not stored"
-        if named["running_mean"] is None or named["running_var"] is None:
-            return "functional batch_norm without running statistics uses batch statistics"
-        return None
-    bn = traced.module(node)
-    if bn.running_mean is None or bn.running_var is None:
-        return "no running statistics: it normalizes with batch statistics even in eval mode"
-    return _bn_shared_reason(traced, node, owners)
-
-
-def _exact_next_conv(module: nn.Module) -> bool:
-    """A conv reading only inside its input (no zero padding) sees bn(x) everywhere."""
-    if module.padding_mode != "zeros":
-        return True  # reflect / replicate / circular pad with copies of bn(x)
-    padding = module.padding
-    return padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
-
-
-def _plan_previous(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
-    producer = bn_input(node)
-    if producer is None or not _is_producer(traced.module(producer)):
-        after = traced.name(producer) if producer is not None else "a non-tensor argument"
-        return f"after {after}, not a Conv/ConvTranspose/Linear"
-    reason = _producer_reason(traced, producer, owners)
-    if reason is None and len(value_users(producer)) != 1:
-        reason = f"its output has {len(value_users(producer))} users, not only the BN"
-    if reason is None and _feature_dim(traced.module(producer), traced.shape(producer)) != 1:
-        reason = "its output features are not the BN's channel dim (Linear on a 3D input)"
-    if reason is not None:
-        return f"{producer.target}: {reason}"
-    return FoldPlan(node.name if node.op != "call_module" else str(node.target),
-                    str(producer.target), "into previous", node.op != "call_module")
-
-
-def _plan_next(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
-    if node.op == "call_module":
-        bn = traced.module(node)
-        if getattr(bn, "_relu", False):
-            return "its fused ReLU sits between it and the next layer"
-        if len(node.args) + len(node.kwargs) > 1:
-            return "it adds a residual, which the next layer would not see scaled"
-    users = value_users(node)
-    if len(users) != 1 or _occurrences(node, users[0]) != 1:
-        return f"its output has {len(users)} users"
-    user = users[0]
-    module = traced.module(user)
-    if type(module) not in CONVS + (nn.Linear,):
-        return f"before {traced.name(user)}, not a Conv/Linear"
-    reason = _producer_reason(traced, user, owners)
-    if reason is not None:
-        return f"{user.target}: {reason}"
-    in_shape = traced.shape(node)
-    if isinstance(module, nn.Linear) and len(in_shape) != 2:
-        return f"{user.target} reads the last dim of a {len(in_shape)}D input, not BN's channels"
-    if isinstance(module, CONVS) and not _exact_next_conv(module):
-        return f"{user.target} zero-pads its input, and a padded zero is not bn(anything)"
-    return FoldPlan(node.name if node.op != "call_module" else str(node.target),
-                    str(user.target), "into next", node.op != "call_module")
-
-
-def plan_folds(traced: Traced) -> tuple[list[FoldPlan], list[tuple[str, str]]]:
-    """For every BN (module or F.batch_norm call): a FoldPlan, or (bn, reason) it stays."""
-    plans, skipped = [], []
-    owners = _tensor_owners(traced.model)
-    taken_previous, taken_next = set(), set()
-    for node in traced.graph_module.graph.nodes:
-        if not (is_bn_module_call(traced, node) or functional_bn_args(node) is not None):
-            continue
-        name = str(node.target) if node.op == "call_module" else node.name
-        reason = _bn_eval_reason(traced, node, owners)
-        if reason is not None:
-            skipped.append((name, reason))
-            continue
-        previous = _plan_previous(traced, node, owners)
-        if isinstance(previous, FoldPlan) and previous.layer not in taken_previous:
-            taken_previous.add(previous.layer)
-            plans.append(previous)
-            continue
-        following = _plan_next(traced, node, owners)
-        if isinstance(following, FoldPlan) and following.layer not in taken_next:
-            taken_next.add(following.layer)
-            plans.append(following)
-            continue
-        skipped.append((name, f"{previous}; {following}"))
-    return plans, skipped
-
-
-def traced_copy(model: nn.Module, example_inputs: Any, training: bool) -> Traced:
-    """Trace a deep copy of model set to training or eval (running the example updates nothing
-    the caller holds)."""
-    clone = copy.deepcopy(model)
-    clone.train(training)
-    return trace(clone, example_inputs)

@@ -1,0 +1,232 @@
+"""Tracing a model with torch.fx, and the graph queries the tools share.
+
+trace() turns a model into an fx graph (every batch-norm module a leaf) and records what each node
+produced on an example input; a model torch.fx cannot trace gets a TraceError naming the module
+where it failed, never a guess from module order. The queries below answer what both the
+redundant-bias proof (biases.py) and the fold planning (folding.py) ask of a node: who reads its
+values, which module it calls, whether that module is shared, hooked or tied to another.
+"""
+
+import builtins
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["TraceError", "Traced", "trace", "traced_copy", "PRODUCERS"]
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PRODUCERS = CONVS + CONV_TRANSPOSES + (nn.Linear,)
+_SHAPE_METHODS = {"size", "dim"}  # users that read only the shape, not the values
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not turn the model into a graph, or the graph could not run on the input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class Traced:
+    """A model, its fx graph (sharing the model's submodules) and what each node produced."""
+
+    model: nn.Module
+    graph_module: fx.GraphModule
+    values: dict[fx.Node, Any]  # tensors as TensorRecord (shape, dtype), everything else as is
+    calls: dict[int, int]  # id(module) -> number of call_module nodes calling it
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        return self.graph_module.get_submodule(node.target)
+
+    def name(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.module(node)).__name__})"
+        if node.op == "call_function":
+            return getattr(node.target, "__name__", str(node.target))
+        return f"{node.op} {node.target}"
+
+    def shape(self, node: fx.Node) -> torch.Size | None:
+        value = self.values.get(node)
+        return value.shape if isinstance(value, TensorRecord) else None
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with every batch-norm module a leaf, and a record of where it failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(f"{self.path_of_module(m) or '(root)'} ({type(m).__name__})")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as exc:
+            raise TraceError(f"the traced graph failed at node {n.name} ({n.op} {n.target}) on "
+                             f"the example input: {type(exc).__name__}: {exc}") from exc
+        self.values[n] = TensorRecord(out.shape, out.dtype) if isinstance(out, Tensor) else out
+        return out
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def trace(model: nn.Module, example_inputs: Any) -> Traced:
+    """Trace model with torch.fx (BN modules as leaves) and run the graph once on example_inputs.
+
+    The run is under no_grad, but a BN in training mode updates its buffers: pass a copy when that
+    matters (the public tools do). Raises TraceError naming the module where tracing failed.
+    """
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = " -> ".join(tracer.failed_in or [f"(root) ({type(model).__name__})"])
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}; it failed inside {where}: "
+            f"{type(exc).__name__}: {exc}. The tools only act on what the graph proves; make "
+            f"that code traceable (no Python control flow on tensor values) or wrap it in a "
+            f"leaf module"
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*as_tuple(example_inputs))
+    calls: dict[int, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            key = id(gm.get_submodule(node.target))
+            calls[key] = calls.get(key, 0) + 1
+    return Traced(model, gm, recorder.values, calls)
+
+
+def traced_copy(model: nn.Module, example_inputs: Any, training: bool) -> Traced:
+    """Trace a deep copy of model set to training or eval (running the example updates nothing
+    the caller holds)."""
+    clone = copy.deepcopy(model)
+    clone.train(training)
+    return trace(clone, example_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph queries
+# ---------------------------------------------------------------------------------------------
+
+def _is_shape_only(user: fx.Node) -> bool:
+    if user.op == "call_method" and user.target in _SHAPE_METHODS:
+        return True
+    return (user.op == "call_function" and user.target is builtins.getattr
+            and len(user.args) > 1 and user.args[1] in _SHAPE_ATTRS)
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read node's values (x.size(0) or x.shape read only its shape)."""
+    return [u for u in node.users if not _is_shape_only(u)]
+
+
+def occurrences(node: fx.Node, user: fx.Node) -> int:
+    found = []
+    fx.node.map_arg((user.args, user.kwargs), lambda n: found.append(n) if n is node else None)
+    return len(found)
+
+
+def attr_users(traced: Traced, qualname: str) -> list[str]:
+    """get_attr nodes reading a parameter or buffer of the module at qualname."""
+    prefix = qualname + "."
+    return [str(n.target) for n in traced.graph_module.graph.nodes
+            if n.op == "get_attr" and str(n.target).startswith(prefix)]
+
+
+def tensor_owners(model: nn.Module) -> dict[int, int]:
+    """id(tensor) -> how many (module, name) slots hold it: > 1 means tied weights or buffers."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            if t is not None:
+                owners[id(t)] = owners.get(id(t), 0) + 1
+    return owners
+
+
+def is_bn_module_call(traced: Traced, node: fx.Node) -> bool:
+    return isinstance(traced.module(node), _BatchNorm)
+
+
+def bn_input(node: fx.Node) -> fx.Node | None:
+    arg = node.args[0] if node.args else node.kwargs.get("input")
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def is_producer(module: nn.Module | None) -> bool:
+    return type(module) in PRODUCERS  # exact types: a subclass may change forward
+
+
+def feature_dim(module: nn.Module, out_shape: torch.Size) -> int | None:
+    """The dim of the producer's output that its bias (and weight rows) run along."""
+    if isinstance(module, nn.Linear):
+        return len(out_shape) - 1
+    spatial = len(module.kernel_size)
+    return 1 if len(out_shape) == spatial + 2 else None  # None: unbatched input
+
+def has_hooks(module: nn.Module | None) -> bool:
+    """Forward hooks can change a module's output without the fx graph showing it."""
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def bn_shared_reason(traced: Traced, bn_node: fx.Node, owners: dict[int, int]) -> str | None:
+    bn = traced.module(bn_node)
+    if has_hooks(bn):
+        return f"{bn_node.target} has forward hooks, which the graph does not show"
+    if traced.calls[id(bn)] != 1:
+        return f"{bn_node.target} is called {traced.calls[id(bn)]} times (a shared module)"
+    if attr_users(traced, str(bn_node.target)):
+        return f"{bn_node.target}'s parameters or buffers are also read directly"
+    tied = [t for t in (bn.running_mean, bn.weight, bn.bias) if t is not None and owners[id(t)] > 1]
+    if tied:
+        return f"{bn_node.target} shares a parameter or buffer with another module"
+    return None
+
+
+def producer_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> str | None:
+    module = traced.module(node)
+    if traced.calls[id(module)] != 1:
+        return f"called {traced.calls[id(module)]} times (a shared module)"
+    if has_hooks(module):
+        return "it has forward hooks, which the graph does not show"
+    if attr_users(traced, str(node.target)):
+        return "its parameters are also read directly by the graph"
+    if feature_dim(module, traced.shape(node)) is None:
+        return "called on an unbatched input"
+    return None
