@@ -118,3 +118,10 @@ def test_convert_sync_batchnorm_keeps_hooks_like_convert():
     synced(torch.randn(2, 4, 3, 3))
     assert calls == ["forward"] and synced.my_tag == "keep me" and not synced.relu
     assert synced.process_group == "group-token" and synced.weight is bn.weight
+
+
+def test_to_torch_refuses_a_sync_batchnorm_with_a_fused_relu():
+    net = torch.nn.Sequential(batchnorm.SyncBatchNorm(3, relu=True))
+    with pytest.raises(TypeError, match="fuses a ReLU"):
+        batchnorm.to_torch(net)
+    batchnorm.to_torch(torch.nn.Sequential(batchnorm.SyncBatchNorm(3)))  # no ReLU: converts

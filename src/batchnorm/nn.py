@@ -259,6 +259,9 @@ def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: 
             raise TypeError(f"{name or 'the model'} ({kind.__name__}) {refuse[kind]}")
         if kind in mapping:
             target = mapping[kind]
+            if fuses_relu(module) and not fuses_relu(target):  # SyncBatchNorm(relu=True)
+                raise TypeError(f"{name or 'the model'} ({kind.__name__}) fuses a ReLU and "
+                                f"{target.__name__} has none; it would be silently dropped")
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
                 return _fresh_lazy(module, target)
             swapped = swap_class(module, target)
