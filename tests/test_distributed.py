@@ -20,16 +20,10 @@ import torch.multiprocessing as mp
 import batchnorm
 from batchnorm import family
 from batchnorm.distributed import SyncBatchNorm, combine_moments
-from tests.utils import tolerance
+from tests.utils import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
-
-
-def assert_close(actual, expected, dtype, what, reduction_size=256):
-    """tests.utils' tolerance table; the default reduction size covers the global batches here."""
-    torch.testing.assert_close(actual.double(), expected.double(),
-                               **tolerance(dtype, reduction_size), msg=lambda m: f"{what}: {m}")
 
 
 def _reference_cls(dim):
@@ -82,20 +76,20 @@ def check_against_concatenated(rank, world, group, sizes, tail=(5, 5), dtype=tor
         if channels_last and x.numel():
             assert y.is_contiguous(memory_format=torch.channels_last), f"{here}: layout lost"
         assert y.dtype == dtype and y.shape == x.shape, here
-        assert_close(y, y_ref[rows], dtype, f"{here}: output")
-        assert_close(x.grad, x_ref.grad[rows], dtype, f"{here}: input grad")
+        assert_close(y, y_ref[rows], dtype, 256, f"{here}: output")
+        assert_close(x.grad, x_ref.grad[rows], dtype, 256, f"{here}: input grad")
         if affine:
             for name in ("weight", "bias"):
                 mine, theirs = getattr(ours, name), getattr(reference, name)
                 summed = mine.grad.clone()
                 dist.all_reduce(summed, group=group)  # as DDP (which then divides by world size)
-                assert_close(summed, theirs.grad, dtype, f"{here}: {name} grad (summed)")
+                assert_close(summed, theirs.grad, dtype, 256, f"{here}: {name} grad (summed)")
                 with torch.no_grad():  # an SGD step, so the next step sees new parameters
                     mine -= 0.1 * summed
                     theirs -= 0.1 * theirs.grad
                 mine.grad, theirs.grad = None, None
-        assert_close(ours.running_mean, reference.running_mean, dtype, f"{here}: running_mean")
-        assert_close(ours.running_var, reference.running_var, dtype, f"{here}: running_var")
+        assert_close(ours.running_mean, reference.running_mean, dtype, 256, f"{here}: running_mean")
+        assert_close(ours.running_var, reference.running_var, dtype, 256, f"{here}: running_var")
         assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked) == step + 1
 
     ours.eval()
@@ -105,7 +99,7 @@ def check_against_concatenated(rank, world, group, sizes, tail=(5, 5), dtype=tor
     y_ref = reference(x_full)
     if relu:
         y_ref = torch.relu(y_ref)
-    assert_close(ours(x_full[rows].to(dtype)), y_ref[rows], dtype, f"{what}: eval output")
+    assert_close(ours(x_full[rows].to(dtype)), y_ref[rows], dtype, 256, f"{what}: eval output")
 
 
 def check_too_few_values(rank, world, group, sizes):
@@ -158,10 +152,10 @@ def check_ddp_training(rank, world, group, sizes, steps=3):
         opt.step()
         summed = loss.detach().clone()
         dist.all_reduce(summed, group=group)
-        assert_close(summed / total, loss_ref.detach(), f64, f"rank {rank} step {step}: loss")
+        assert_close(summed / total, loss_ref.detach(), f64, 256, f"rank {rank} step {step}: loss")
         for (name, mine), theirs in zip(model.state_dict().items(),
                                         reference.state_dict().values(), strict=True):
-            assert_close(mine, theirs, f64, f"rank {rank} step {step}: {name}")
+            assert_close(mine, theirs, f64, 256, f"rank {rank} step {step}: {name}")
 
 
 CHECKS = {
@@ -260,12 +254,12 @@ def test_without_process_group_equals_batchnorm(shape):
         x.requires_grad_()
         ours(x).square().sum().backward()
         reference(x_ref).square().sum().backward()
-        assert_close(x.grad, x_ref.grad, torch.float64, "input grad")
-        assert_close(ours.weight.grad, reference.weight.grad, torch.float64, "weight grad")
-    assert_close(ours.running_var, reference.running_var, torch.float64, "running_var")
+        assert_close(x.grad, x_ref.grad, torch.float64, 256, "input grad")
+        assert_close(ours.weight.grad, reference.weight.grad, torch.float64, 256, "weight grad")
+    assert_close(ours.running_var, reference.running_var, torch.float64, 256, "running_var")
     ours.eval(), reference.eval()
     x = torch.randn(shape, dtype=torch.float64)
-    assert_close(ours(x), reference(x), torch.float64, "eval output")
+    assert_close(ours(x), reference(x), torch.float64, 256, "eval output")
 
 
 def test_world_size_one_takes_local_path(tmp_path):
@@ -275,7 +269,7 @@ def test_world_size_one_takes_local_path(tmp_path):
         ours = SyncBatchNorm(3)
         assert ours._sync() is None
         x = torch.randn(5, 3, 2, 2)
-        assert_close(ours(x), torch.nn.BatchNorm2d(3)(x), torch.float32, "world size 1")
+        assert_close(ours(x), torch.nn.BatchNorm2d(3)(x), torch.float32, 256, "world size 1")
         ours.process_group = dist.new_group([0])
         assert ours._sync() is None
     finally:
@@ -330,8 +324,7 @@ def test_converted_fused_layer_computes_the_same():
     x = torch.randn(6, 4, 3, 3)
     expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
-    assert_close(synced(x), expected, torch.float32, "fused ReLU kept")
-
+    assert_close(synced(x), expected, torch.float32, 256, "fused ReLU kept")
 
 
 def test_converted_add_relu_layer_still_takes_its_residual():
@@ -340,4 +333,4 @@ def test_converted_add_relu_layer_still_takes_its_residual():
     x, residual = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
     expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) + residual)
     synced = SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
-    assert_close(synced(x, residual), expected, torch.float32, "residual add and ReLU kept")
+    assert_close(synced(x, residual), expected, torch.float32, 256, "residual add and ReLU kept")

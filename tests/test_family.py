@@ -12,17 +12,9 @@ import batchnorm
 from batchnorm import family, reference
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.family import ghost as ghost_module
-from tests.utils import tolerance
+from tests.utils import assert_close
 
 F64 = torch.float64
-
-
-def assert_close(actual, expected, dtype, what, reduction_size=64):
-    """tests.utils' tolerance table (references in float64, NumPy arrays accepted); the default
-    reduction size covers the per-channel sums these small cases reduce over."""
-    expected = torch.as_tensor(np.asarray(expected) if not torch.is_tensor(expected) else expected)
-    torch.testing.assert_close(actual.detach().double(), expected.double(),
-                               **tolerance(dtype, reduction_size), msg=lambda m: f"{what}: {m}")
 
 
 def _torch_bn(dim, channels, **kw):
@@ -61,11 +53,11 @@ def _train_step_matches(ours, theirs, shape, dtype, gen, what, relu=False, layou
     (y_ref * dy).sum().backward()
     if layout is not None:
         assert y.is_contiguous(memory_format=layout), f"{what}: memory layout not kept"
-    assert_close(y, y_ref, dtype, f"{what}: output")
-    assert_close(x.grad, x_ref.grad, dtype, f"{what}: input grad")
+    assert_close(y, y_ref, dtype, 64, f"{what}: output")
+    assert_close(x.grad, x_ref.grad, dtype, 64, f"{what}: input grad")
     if ours.weight is not None:
-        assert_close(ours.weight.grad, theirs.weight.grad, dtype, f"{what}: weight grad")
-        assert_close(ours.bias.grad, theirs.bias.grad, dtype, f"{what}: bias grad")
+        assert_close(ours.weight.grad, theirs.weight.grad, dtype, 64, f"{what}: weight grad")
+        assert_close(ours.bias.grad, theirs.bias.grad, dtype, 64, f"{what}: bias grad")
         ours.zero_grad(), theirs.zero_grad()
 
 
@@ -93,11 +85,11 @@ def test_ghost_with_the_whole_batch_is_batchnorm(shape, virtual):
     theirs.load_state_dict(ours.state_dict())
     for step in range(3):
         _train_step_matches(ours, theirs, shape, F64, gen, f"step {step}")
-    assert_close(ours.running_var, theirs.running_var, F64, "running_var")
-    assert_close(ours.running_mean, theirs.running_mean, F64, "running_mean")
+    assert_close(ours.running_var, theirs.running_var, F64, 64, "running_var")
+    assert_close(ours.running_mean, theirs.running_mean, F64, 64, "running_mean")
     ours.eval(), theirs.eval()
     x = torch.randn(shape, generator=gen, dtype=F64)
-    assert_close(ours(x), theirs(x), F64, "eval output")
+    assert_close(ours(x), theirs(x), F64, 64, "eval output")
 
 
 def _ghost_reference(x, dy, gamma, beta, running_mean, running_var, seen, virtual, momentum, eps):
@@ -146,18 +138,18 @@ def test_ghost_matches_reference_chunk_by_chunk(shape, virtual, momentum, layout
         what = f"step {step}"
         if layout is not None:
             assert y.is_contiguous(memory_format=layout), f"{what}: layout not kept"
-        assert_close(y, y_ref, dtype, f"{what}: output")
-        assert_close(xt.grad, dx_ref, dtype, f"{what}: input grad")
-        assert_close(ours.weight.grad, dg_ref, dtype, f"{what}: weight grad")
-        assert_close(ours.bias.grad, db_ref, dtype, f"{what}: bias grad")
-        assert_close(ours.running_mean, running_mean, dtype, f"{what}: running_mean")
-        assert_close(ours.running_var, running_var, dtype, f"{what}: running_var")
+        assert_close(y, y_ref, dtype, 64, f"{what}: output")
+        assert_close(xt.grad, dx_ref, dtype, 64, f"{what}: input grad")
+        assert_close(ours.weight.grad, dg_ref, dtype, 64, f"{what}: weight grad")
+        assert_close(ours.bias.grad, db_ref, dtype, 64, f"{what}: bias grad")
+        assert_close(ours.running_mean, running_mean, dtype, 64, f"{what}: running_mean")
+        assert_close(ours.running_var, running_var, dtype, 64, f"{what}: running_var")
         assert int(ours.num_batches_tracked) == seen
         ours.zero_grad()
     ours.eval()
     x = torch.randn(shape, generator=gen, dtype=F64)
     expected = reference.eval_forward(x.numpy(), running_mean, running_var, gamma, beta, ours.eps)
-    assert_close(ours(x.to(dtype)), expected, dtype, "eval output (running statistics)")
+    assert_close(ours(x.to(dtype)), expected, dtype, 64, "eval output (running statistics)")
 
 
 def test_ghost_is_vectorized(monkeypatch):
@@ -199,7 +191,7 @@ def test_ghost_without_running_stats_normalizes_by_chunk_in_eval():
     expected = torch.cat([torch.nn.functional.batch_norm(c, None, None, training=True)
                           for c in x.split(3)])
     ghost.double()
-    assert_close(ghost(x), expected, F64, "eval without running statistics")
+    assert_close(ghost(x), expected, F64, 64, "eval without running statistics")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +229,7 @@ def test_renorm_with_unit_limits_is_batchnorm(shape):
     for step in range(3):
         _train_step_matches(ours, theirs, shape, F64, gen, f"step {step}")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert_close(getattr(ours, name), getattr(theirs, name), F64, name)
+        assert_close(getattr(ours, name), getattr(theirs, name), F64, 64, name)
 
 
 def test_renorm_warmup_is_batchnorm():
@@ -282,25 +274,25 @@ def test_renorm_matches_reference(shape, r_max, d_max, dtype):
         y = module(xt)
         (y * dy.to(dtype)).sum().backward()
         what = f"step {step}"
-        assert_close(y, y_ref, dtype, f"{what}: output")
-        assert_close(xt.grad, dx_ref, dtype, f"{what}: input grad")
-        assert_close(module.weight.grad, dg_ref, dtype, f"{what}: weight grad")
-        assert_close(module.bias.grad, db_ref, dtype, f"{what}: bias grad")
-        assert_close(module.running_mean, mean_ref, dtype, f"{what}: running_mean")
-        assert_close(module.running_var, var_ref, dtype, f"{what}: running_var")
+        assert_close(y, y_ref, dtype, 64, f"{what}: output")
+        assert_close(xt.grad, dx_ref, dtype, 64, f"{what}: input grad")
+        assert_close(module.weight.grad, dg_ref, dtype, 64, f"{what}: weight grad")
+        assert_close(module.bias.grad, db_ref, dtype, 64, f"{what}: bias grad")
+        assert_close(module.running_mean, mean_ref, dtype, 64, f"{what}: running_mean")
+        assert_close(module.running_var, var_ref, dtype, 64, f"{what}: running_var")
         assert int(module.num_batches_tracked) == seen
         module.zero_grad()
         if r_max == 100.0:  # unclipped: the forward normalizes by the running statistics
             expected = reference.eval_forward(x.numpy(), state["running_mean"],
                                               state["running_var"], state["weight"],
                                               state["bias"], module.eps)
-            assert_close(y, expected, dtype, f"{what}: unclipped output = eval output")
+            assert_close(y, expected, dtype, 64, f"{what}: unclipped output = eval output")
     module.eval()
     x = torch.randn(shape, generator=gen, dtype=F64)
     state = {k: v.double().numpy() for k, v in module.state_dict().items()}
     expected = reference.eval_forward(x.numpy(), state["running_mean"], state["running_var"],
                                       state["weight"], state["bias"], module.eps)
-    assert_close(module(x.to(dtype)), expected, dtype, "eval output")
+    assert_close(module(x.to(dtype)), expected, dtype, 64, "eval output")
 
 
 def test_renorm_has_no_gradient_through_r_and_d():
@@ -328,7 +320,7 @@ def test_renorm_has_no_gradient_through_r_and_d():
     ours = torch.autograd.grad((y * dy).sum(), (x, gamma, beta))
     for mine, expected, name in zip(ours, formula(detach=True), ("x", "gamma", "beta"),
                                     strict=True):
-        assert_close(mine, expected, F64, f"grad {name}")
+        assert_close(mine, expected, F64, 64, f"grad {name}")
     assert not torch.allclose(ours[0], formula(detach=False)[0]), "r, d gradient would show"
 
 
@@ -341,7 +333,7 @@ def test_renorm_with_frozen_buffers_still_renormalizes():
     x = torch.randn(8, 3, dtype=F64)
     expected = family.batch_renorm(x, torch.full((3,), 3.0, dtype=F64), torch.ones(3, dtype=F64),
                                    module.weight, module.bias, True, 0.1, 1e-5, 2.0, 1.0)
-    assert_close(module(x), expected, F64, "frozen buffers")
+    assert_close(module(x), expected, F64, 64, "frozen buffers")
     assert float(module.running_mean[0]) == 3.0 and int(module.num_batches_tracked) == 0
 
 
@@ -385,10 +377,10 @@ def test_frozen_equals_eval_batchnorm(cls, shape, affine):
     x = torch.randn(shape, generator=gen, dtype=F64)
     x_ref, x = x.clone().requires_grad_(), x.requires_grad_()
     y, y_ref = frozen(x), bn(x_ref)
-    assert_close(y, y_ref, F64, "output")
+    assert_close(y, y_ref, F64, 64, "output")
     y.square().sum().backward()
     y_ref.square().sum().backward()
-    assert_close(x.grad, x_ref.grad, F64, "input grad")
+    assert_close(x.grad, x_ref.grad, F64, 64, "input grad")
     assert list(frozen.parameters()) == []
 
 
@@ -401,7 +393,7 @@ def test_frozen_state_dict_is_torchvisions():
     frozen.load_state_dict(bn.state_dict())  # strict: num_batches_tracked is dropped
     bn.eval()
     x = torch.randn(2, 4, 3, 3)
-    assert_close(frozen(x), bn(x), torch.float32, "loaded from a BatchNorm2d state_dict")
+    assert_close(frozen(x), bn(x), torch.float32, 64, "loaded from a BatchNorm2d state_dict")
     assert repr(frozen) == "FrozenBatchNorm2d(4, eps=1e-05)"
     with pytest.raises(ValueError, match=r"expects 4D input with 4 channels"):
         frozen(torch.randn(2, 4, 3))
@@ -421,7 +413,7 @@ def test_frozen_round_trips_with_torchvision():
     ours.load_state_dict(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 4, 4, generator=gen)
-    assert_close(ours(x), theirs(x), torch.float32, "torchvision's FrozenBatchNorm2d")
+    assert_close(ours(x), theirs(x), torch.float32, 64, "torchvision's FrozenBatchNorm2d")
 
 
 def test_freeze_batchnorm_freezes_every_layer():
@@ -444,7 +436,7 @@ def test_freeze_batchnorm_freezes_every_layer():
     assert kinds == ["FrozenBatchNorm2d"] * 4 + ["FrozenBatchNorm", "FrozenBatchNorm1d"]
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert model[2][0].relu
-    assert_close(model(x), expected, F64, "frozen model in train mode = model in eval mode")
+    assert_close(model(x), expected, F64, 64, "frozen model in train mode = model in eval mode")
     with pytest.raises(ValueError, match="no running statistics"):
         family.freeze_batchnorm(torch.nn.BatchNorm2d(3, track_running_stats=False))
 
@@ -454,7 +446,7 @@ def test_frozen_add_relu():
     fused = _trained_bn(batchnorm.BatchNormAddReLU2d, 3, gen).eval()
     frozen = family.freeze_batchnorm(copy.deepcopy(fused))
     x, residual = torch.randn(2, 3, 4, 4, dtype=F64), torch.randn(2, 3, 4, 4, dtype=F64)
-    assert_close(frozen(x, residual), fused(x, residual), F64, "BN + add + ReLU")
+    assert_close(frozen(x, residual), fused(x, residual), F64, 64, "BN + add + ReLU")
 
 
 def test_reference_renorm_with_unit_limits_is_algorithm_1():

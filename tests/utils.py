@@ -22,10 +22,12 @@ def tolerance(dtype: torch.dtype, reduction_size: int = 1) -> dict[str, float]:
 
 
 def assert_close(actual, expected, dtype, reduction_size=1, what=""):
-    """Compare in float64 with the dtype's tolerance; the message says what differed."""
+    """Compare in float64 with the dtype's tolerance, which grows with the number of terms a
+    result sums (reduction_size); the message says what differed. Tensors (detached) or NumPy
+    arrays (the reference's results)."""
     tol = tolerance(dtype, reduction_size)
-    torch.testing.assert_close(actual.double(), expected.double(), **tol,
-                               msg=lambda m: f"{what}: {m}")
+    actual, expected = (torch.as_tensor(t).detach().double() for t in (actual, expected))
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
