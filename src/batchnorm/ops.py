@@ -179,6 +179,8 @@ def _stats_backward(ctx, grad_mean, grad_m2):
 
 
 torch.library.register_autograd("batchnorm::stats", _stats_backward, setup_context=_stats_setup)
+
+
 def _elemt_setup(ctx, inputs, output):
     input, mean, invstd, weight, bias, residual, relu = inputs
     ctx.relu = relu
@@ -374,16 +376,18 @@ def _parameter_grads(ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output):
 _NO_RUNNING_STATS = RunningStats(None, None, None, 0.0)
 
 
-def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor) -> Tensor:
-    """update_running_stats for a batch of count values per channel; returns `finite`."""
+def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor,
+                   update=update_running_stats) -> Tensor:
+    """`update` (the op; the composite's function while tracing) for a batch of count values per
+    channel; returns `finite`. Without buffers the batch is only counted, as torch counts it."""
     if running.mean is None or running.var is None:
         if running.num_batches_tracked is not None:
             running.num_batches_tracked.add_(1)
-        return torch.isfinite(m2).all()
+        return torch.isfinite(m2).all() & torch.isfinite(mean).all()
     if not isinstance(count, Tensor):
         count = torch.full((), count, dtype=m2.dtype, device=m2.device)  # no host-to-device copy
-    return update_running_stats(running.mean, running.var, running.num_batches_tracked, mean,
-                                m2, count, running.momentum)
+    return update(running.mean, running.var, running.num_batches_tracked, mean, m2, count,
+                  running.momentum)
 
 
 def batch_norm_train(
@@ -435,15 +439,13 @@ def batch_norm_eval(
     Without gradients to record this is the single op forward_eval; with them, elemt (which
     has an autograd formula) on invstd computed here.
     """
-    if tracing():
-        acc = stat_dtype(input.dtype)
-        invstd = torch.rsqrt(var.to(acc) + eps)
-        return _aten_normalize(input, mean.to(acc), invstd, weight, bias, residual, relu)
-    if _needs_grad(input, mean, var, weight, bias, residual):
-        acc = stat_dtype(input.dtype)
-        invstd = torch.rsqrt(var.to(acc) + eps)
-        return elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)
-    return forward_eval(input, mean, var, weight, bias, residual, relu, eps)
+    traced = tracing()
+    if not traced and not _needs_grad(input, mean, var, weight, bias, residual):
+        return forward_eval(input, mean, var, weight, bias, residual, relu, eps)
+    acc = stat_dtype(input.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    normalize = composite.elemt if traced else elemt
+    return normalize(input, mean.to(acc), invstd, weight, bias, residual, relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,33 +498,18 @@ def tracing() -> bool:
             or torch.jit.is_tracing())
 
 
-def _aten_normalize(input, mean, invstd, weight, bias, residual, relu):
-    """(x - mean) * invstd * weight + bias [+ residual] [ReLU] in plain broadcasting ops, which
-    Inductor fuses into its neighbours (the layout follows the input's, as eager's does)."""
-    shape = channel_view(input)
-    acc = mean.dtype
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    y = (input.to(acc) - mean.view(shape)) * scale.view(shape)
-    if bias is not None:
-        y = y + bias.to(acc).view(shape)
-    if residual is not None:
-        y = y + residual.to(acc)
-    if relu:
-        y = torch.relu(y)
-    return y.to(input.dtype)
-
-
 class _TracedBatchNormTrain(torch.autograd.Function):
-    """Training batch norm in torch operations with the closed-form backward (the same two
-    reductions and one elementwise pass as the fused kernels), for tracers: autograd through
-    var_mean and the broadcasts would add reductions that Inductor cannot remove."""
+    """Training batch norm in torch operations for tracers: var_mean (a Welford reduction in
+    Inductor, stable without a shift) and the composite's elemt forward, the composite's
+    backward_reduce and backward_elemt backward (the closed form: autograd through var_mean and
+    the broadcasts would add reductions that Inductor cannot remove)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu):
         acc = stat_dtype(input.dtype)
         var, mean = torch.var_mean(input.to(acc), reduce_dims(input), correction=0)
         invstd = torch.rsqrt(var + eps)
-        output = _aten_normalize(input, mean, invstd, weight, bias, residual, relu)
+        output = composite.elemt(input, mean, invstd, weight, bias, residual, relu)
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight, mean, invstd, output if relu else None)
@@ -532,36 +519,24 @@ class _TracedBatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         input, weight, mean, invstd, relu_output = ctx.saved_tensors
-        shape, dims, acc = channel_view(input), reduce_dims(input), mean.dtype
-        dy = relu_masked(grad_out, relu_output).to(acc)
-        x_hat = (input.to(acc) - mean.view(shape)) * invstd.view(shape)
-        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
-        count = _count(input)
+        sum_dy, sum_dy_xhat = composite.backward_reduce(grad_out, input, mean, invstd,
+                                                        relu_output)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            grad_input = ((dy - (sum_dy / count).view(shape) - x_hat * (sum_dy_xhat / count)
-                           .view(shape)) * scale.view(shape)).to(input.dtype)
+            count = _count(input)
+            grad_input = composite.backward_elemt(grad_out, input, mean, invstd, weight,
+                                                  sum_dy / count, sum_dy_xhat / count,
+                                                  relu_output)
         grad_weight, grad_bias, grad_residual = _parameter_grads(
             ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output)
         return grad_input, grad_weight, grad_bias, grad_residual, None, None
 
 
 def _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running):
-    """batch_norm_train in torch operations: var_mean (a Welford reduction in Inductor, stable
-    without a shift), the normalization, the closed-form backward, and the running statistics
+    """batch_norm_train in torch operations (_TracedBatchNormTrain), the running statistics
     through the composite's traceable update (the NaN/Inf guard a torch.where, momentum=None a
     tensor factor: no graph break)."""
     output, mean, var = _TracedBatchNormTrain.apply(input, weight, bias, residual, eps, relu)
-    count = _count(input)
-    m2 = var * count
-    if running.mean is not None and running.var is not None:
-        counts = torch.full((), count, dtype=m2.dtype, device=m2.device)
-        finite = composite.update_running_stats(running.mean, running.var,
-                                                running.num_batches_tracked, mean, m2, counts,
-                                                running.momentum)
-    else:
-        finite = torch.isfinite(m2).all() & torch.isfinite(mean).all()
-        if running.num_batches_tracked is not None:
-            running.num_batches_tracked.add_(1)
+    m2 = var * _count(input)
+    finite = update_running(running, mean, m2, _count(input), composite.update_running_stats)
     return output, mean, m2, finite
