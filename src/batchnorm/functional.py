@@ -70,7 +70,7 @@ def _batch_norm(
     """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
     num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
     _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-           momentum, eps, training=training)
+           eps, training=training)
     if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
         return input.clone()
     if sync is None and ops.needs_torch_batch_norm(input, weight, bias, residual, running_mean,
@@ -152,8 +152,8 @@ def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> T
     return output.to(input.dtype)
 
 
-def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, momentum,
-           eps, training=None):
+def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+           training=None):
     """Every rejection happens here, before any buffer is touched: what torch rejects, with
     torch's exception types (eps must be positive in training and non-negative in eval; any
     float momentum is taken, as torch takes it).
@@ -184,20 +184,20 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
     if input.dim() < 2:
         return
     channels = input.shape[1]
-    device = input.device
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias), ("residual", residual)):
+    vectors = (("running_mean", running_mean), ("running_var", running_var),
+               ("weight", weight), ("bias", bias))
+    for name, tensor in (*vectors, ("residual", residual)):
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(f"batch_norm: {name} is on {tensor.device}, expected "
+                               f"{input.device} like the input: every tensor argument must be on "
+                               f"the input's device")
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}"
+        )
+    for name, tensor in vectors:
         if tensor is None:
-            continue
-        if tensor.device != device:
-            raise RuntimeError(f"batch_norm: {name} is on {tensor.device}, expected {device} like "
-                               f"the input: every tensor argument must be on the input's device")
-        if name == "residual":
-            if tensor.shape != input.shape:
-                raise RuntimeError(
-                    f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
-                    f"{tuple(tensor.shape)}"
-                )
             continue
         if tensor.dim() != 1 or tensor.numel() != channels:
             raise RuntimeError(

@@ -15,6 +15,11 @@ def channel_view(x: Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
+def values_per_channel(x: Tensor) -> int:
+    """How many values each channel's statistics are taken over (the paper's m): numel / C."""
+    return x.numel() // x.shape[1]
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """Every axis but the channel axis."""
     return [0, *range(2, x.dim())]

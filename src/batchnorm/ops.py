@@ -40,7 +40,14 @@ from torch import Tensor
 
 from batchnorm import kernels
 from batchnorm.kernels import composite
-from batchnorm.layout import channel_view, memory_format, reduce_dims, relu_masked, stat_dtype
+from batchnorm.layout import (
+    channel_view,
+    memory_format,
+    reduce_dims,
+    relu_masked,
+    stat_dtype,
+    values_per_channel,
+)
 
 _lib = torch.library.Library("batchnorm", "DEF")
 
@@ -78,10 +85,6 @@ forward_train = torch.ops.batchnorm.forward_train.default
 backward_train = torch.ops.batchnorm.backward_train.default
 forward_eval = torch.ops.batchnorm.forward_eval.default
 update_running_stats = torch.ops.batchnorm.update_running_stats.default
-
-
-def _count(x: Tensor) -> int:
-    return x.numel() // x.shape[1]
 
 
 def _vector(input: Tensor) -> Tensor:
@@ -172,7 +175,7 @@ def _stats_backward(ctx, grad_mean, grad_m2):
     shape = channel_view(input)
     grad = torch.zeros_like(input, dtype=mean.dtype)
     if grad_mean is not None:
-        grad = grad + (grad_mean / _count(input)).view(shape)
+        grad = grad + (grad_mean / values_per_channel(input)).view(shape)
     if grad_m2 is not None:
         grad = grad + 2 * grad_m2.view(shape) * (input.to(mean.dtype) - mean.view(shape))
     return grad.to(input.dtype)
@@ -311,7 +314,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, relu, sync, running):
         ctx.set_materialize_grads(False)  # no zero-filled grads for mean, m2, finite
-        count = _count(input)
+        count = values_per_channel(input)
         if sync is None:
             output, mean, m2, invstd, finite = forward_train(
                 input, weight, bias, residual, relu, eps, running.mean, running.var,
@@ -523,7 +526,7 @@ class _TracedBatchNormTrain(torch.autograd.Function):
                                                         relu_output)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            count = _count(input)
+            count = values_per_channel(input)
             grad_input = composite.backward_elemt(grad_out, input, mean, invstd, weight,
                                                   sum_dy / count, sum_dy_xhat / count,
                                                   relu_output)
@@ -537,6 +540,7 @@ def _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running):
     through the composite's traceable update (the NaN/Inf guard a torch.where, momentum=None a
     tensor factor: no graph break)."""
     output, mean, var = _TracedBatchNormTrain.apply(input, weight, bias, residual, eps, relu)
-    m2 = var * _count(input)
-    finite = update_running(running, mean, m2, _count(input), composite.update_running_stats)
+    count = values_per_channel(input)
+    m2 = var * count
+    finite = update_running(running, mean, m2, count, composite.update_running_stats)
     return output, mean, m2, finite

@@ -46,8 +46,7 @@ def ghost_batch_norm(
     if not training or input.numel() == 0:
         return F._batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                              eps, num_batches_tracked=num_batches_tracked)
-    F._check(input, running_mean, running_var, weight, bias, None, False, momentum, eps,
-             training=True)
+    F._check(input, running_mean, running_var, weight, bias, None, False, eps, training=True)
     sizes = ghost_chunk_sizes(input.shape[0], virtual_batch_size)
     per_sample = input.numel() // (input.shape[0] * input.shape[1])
     if min(sizes) * per_sample <= 1:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm import nn, ops
-from batchnorm.layout import memory_format
+from batchnorm.layout import memory_format, values_per_channel
 
 
 def renorm_limits(step: Tensor | int, r_max: float, d_max: float, warmup_steps: int,
@@ -41,7 +41,7 @@ class _BatchRenormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, r_max, d_max):
         mean, m2 = ops.stats(input)
-        count = input.numel() // input.shape[1]
+        count = values_per_channel(input)
         acc = mean.dtype
         var = m2 / count  # biased: the batch's own variance
         invstd = torch.rsqrt(var + eps)
@@ -109,7 +109,7 @@ def batch_renorm(
     if not training or input.numel() == 0:
         return F._batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                              eps, num_batches_tracked=num_batches_tracked)
-    F._check(input, running_mean, running_var, weight, bias, None, True, momentum, eps)
+    F._check(input, running_mean, running_var, weight, bias, None, True, eps)
     bad_r = not isinstance(r_max, Tensor) and r_max < 1  # tensors: no host sync to check
     bad_d = not isinstance(d_max, Tensor) and d_max < 0
     if bad_r or bad_d:
@@ -120,7 +120,7 @@ def batch_renorm(
     input = input.contiguous(memory_format=layout)
     output, mean, m2 = _BatchRenormTrain.apply(input, weight, bias, running_mean, running_var,
                                                eps, r_max.to(input.device), d_max.to(input.device))
-    count = torch.as_tensor(input.numel() // input.shape[1], dtype=m2.dtype, device=m2.device)
+    count = torch.as_tensor(values_per_channel(input), dtype=m2.dtype, device=m2.device)
     running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     F.warn_if_skipped(ops.update_running(running, mean, m2, count))
     return output

@@ -15,6 +15,7 @@ and benchmarks compare backends that way).
 import contextlib
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -23,6 +24,7 @@ from batchnorm.kernels import composite
 
 _FORCED = os.environ.get("BATCHNORM_KERNELS") or None
 PRIMITIVES = ("stats", "elemt", "backward_reduce", "backward_elemt")
+FUSED = ("forward_train", "backward_train", "forward_eval", "update_running_stats")  # composite
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _native_cpu = False
 _serving: dict[str, str] = {}  # device type -> backend name, while serving() is active
@@ -95,14 +97,11 @@ def serving(device_type: str, module: ModuleType, name: str | None = None):
     lib = torch.library.Library("batchnorm", "IMPL")
     key = _DISPATCH_KEY[device_type]
     previous = _serving.get(device_type)
-    with contextlib.ExitStack() as stack:
-        import warnings
-
-        stack.enter_context(warnings.catch_warnings())
+    with warnings.catch_warnings():  # torch warns that the registration overrides another
         warnings.filterwarnings("ignore", message=".*[Oo]verrid")
         for op in PRIMITIVES:
             lib.impl(op, getattr(module, op), key)
-        for op in ("forward_train", "backward_train", "forward_eval", "update_running_stats"):
+        for op in FUSED:
             lib.impl(op, getattr(composite, op), key)
     _serving[device_type] = name or module.__name__.rsplit(".", 1)[-1]
     try:

@@ -34,7 +34,7 @@ passes per training step instead of the 8 of the four primitives).
 import torch
 from torch import Tensor
 
-from batchnorm.layout import channel_view, reduce_dims, relu_masked, stat_dtype
+from batchnorm.layout import channel_view, reduce_dims, relu_masked, stat_dtype, values_per_channel
 
 
 def stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +127,7 @@ def forward_train(input, weight, bias, residual, relu, eps, running_mean, runnin
     Returns (output, mean, m2, invstd, finite)."""
     ops = torch.ops.batchnorm
     mean, m2 = ops.stats(input)
-    count = input.numel() // input.shape[1]
+    count = values_per_channel(input)
     wide_mean, wide_m2 = _rescued(input, mean, m2)
     invstd = torch.rsqrt(wide_m2 / count + eps).to(mean.dtype)  # the biased variance normalizes
     output = ops.elemt(input, mean, invstd, weight, bias, residual, relu)
@@ -155,7 +155,7 @@ def _rescued(input: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
 def backward_train(grad_out, input, mean, invstd, weight, output):
     """backward_reduce, then backward_elemt with the means; returns (grad_input, sums)."""
     ops = torch.ops.batchnorm
-    count = input.numel() // input.shape[1]
+    count = values_per_channel(input)
     sum_dy, sum_dy_xhat = ops.backward_reduce(grad_out, input, mean, invstd, output)
     grad_input = ops.backward_elemt(grad_out, input, mean, invstd, weight, sum_dy / count,
                                     sum_dy_xhat / count, output)

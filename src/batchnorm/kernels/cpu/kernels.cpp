@@ -662,17 +662,28 @@ void backward_reduce(const T* dy, const T* x, const T* output, const Layout& L,
 
 template <typename T>
 void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
-                    const Acc<T>* mean, const Acc<T>* k, const Acc<T>* c1, const Acc<T>* c2) {
+                    const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* weight,
+                    const Acc<T>* mean_dy, const Acc<T>* mean_dy_xhat) {
+  using A = Acc<T>;
+  const int64_t C = L.C;
+  std::vector<A> k(C), c1(C), c2(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const GradFactors g = grad_factors(invstd[c], weight ? weight[c] : 1.0, mean_dy[c],
+                                       mean_dy_xhat[c]);
+    k[c] = static_cast<A>(g.k);
+    c1[c] = static_cast<A>(g.c1);
+    c2[c] = static_cast<A>(g.c2);
+  }
   with_flags(output != nullptr, false, [&](auto has_mask, auto) {
     constexpr bool kMask = decltype(has_mask)::value;
     if (L.rows) {
-      each_row_range(L.rows_count(), L.C, [&](int64_t r0, int64_t r1) {
-        rows_grad_input<T, kMask>(dy, x, output, dx, L.C, r0, r1, mean, k, c1, c2,
-                                  streaming(L, dx));
+      each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
+        rows_grad_input<T, kMask>(dy, x, output, dx, C, r0, r1, mean, k.data(), c1.data(),
+                                  c2.data(), streaming(L, dx));
       });
       return;
     }
-    at::parallel_for(0, L.C, channel_grain(L), [&](int64_t c0, int64_t c1_) {
+    at::parallel_for(0, C, channel_grain(L), [&](int64_t c0, int64_t c1_) {
       for (int64_t c = c0; c < c1_; ++c) {
         channel_grad_input<T, kMask>(dy, x, output, dx, L, c, mean[c], k[c], c1[c], c2[c]);
       }
@@ -801,7 +812,8 @@ bool capability_supported() {
   template void backward_reduce<T>(const T*, const T*, const T*, const Layout&, const Acc<T>*, \
                                    const Acc<T>*, Acc<T>*, Acc<T>*);                           \
   template void backward_elemt<T>(const T*, const T*, const T*, T*, const Layout&,             \
-                                  const Acc<T>*, const Acc<T>*, const Acc<T>*, const Acc<T>*); \
+                                  const Acc<T>*, const Acc<T>*, const Acc<T>*, const Acc<T>*,  \
+                                  const Acc<T>*);                                              \
   template void forward_train<T>(const T*, const T*, T*, const Layout&, const Acc<T>*,         \
                                  const Acc<T>*, bool, double, double*, double*, Acc<T>*);      \
   template void backward_train<T>(const T*, const T*, const T*, T*, const Layout&,             \

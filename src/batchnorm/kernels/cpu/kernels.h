@@ -43,11 +43,12 @@ void backward_reduce(const T* dy, const T* x, const T* output, const Layout& L,
                      const Acc<T>* mean, const Acc<T>* invstd, Acc<T>* sum_dy,
                      Acc<T>* sum_dy_xhat);
 
-// dx = dy * k + c1 - (x - mean) * c2 per channel, dy masked as above; ops.cpp folds
-// (dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight into k, c1, c2.
+// dx = (dy - mean_dy - x_hat * mean_dy_xhat) * invstd * weight, dy masked as above; weight may
+// be null (1).
 template <typename T>
 void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
-                    const Acc<T>* mean, const Acc<T>* k, const Acc<T>* c1, const Acc<T>* c2);
+                    const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* weight,
+                    const Acc<T>* mean_dy, const Acc<T>* mean_dy_xhat);
 
 // The fused training step: statistics, invstd = 1 / sqrt(m2 / count + eps), and the
 // normalize + affine (+ residual, ReLU) pass, channel block by channel block while it is in cache.

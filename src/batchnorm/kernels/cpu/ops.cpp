@@ -390,16 +390,9 @@ Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Ten
     const A* mdy = channel_ptr<A>(mean_dy, C, k3, op, "mean_dy");
     const A* mdx = channel_ptr<A>(mean_dy_xhat, C, k4, op, "mean_dy_xhat");
     if (dx.numel() == 0) return;
-    std::vector<A> k(C), c1(C), c2(C);
-    for (int64_t c = 0; c < C; ++c) {  // dx = dy k + c1 - (x - mean) c2
-      const double kc = static_cast<double>(is[c]) * (w ? static_cast<double>(w[c]) : 1.0);
-      k[c] = static_cast<A>(kc);
-      c1[c] = static_cast<A>(-kc * mdy[c]);
-      c2[c] = static_cast<A>(kc * is[c] * mdx[c]);
-    }
     backward_elemt<scalar_t>(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
                              ptr_or_null<scalar_t>(out), dx.mutable_data_ptr<scalar_t>(), d.L, m,
-                             k.data(), c1.data(), c2.data());
+                             is, w, mdy, mdx);
   });
   return dx;
 }
