@@ -1,5 +1,6 @@
 """Converted models with the rest of PyTorch: torch.export (a graph of aten ops that loads and
-runs without this package), torch.jit.trace and torch.jit.script, each against torch.nn."""
+runs without this package), torch.jit.trace and torch.jit.script, torch.compile, each against
+torch.nn."""
 
 import subprocess
 import sys
@@ -89,3 +90,29 @@ def test_jit_script_of_a_class_without_torch_twin_names_the_way_out():
     ghost = batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2)
     with pytest.raises(RuntimeError, match="batchnorm.to_torch"):
         torch.jit.script(ghost)
+
+
+def test_compiled_converted_model_matches_compiled_torch_nn():
+    """Inductor on both models: three training steps (outputs, input and parameter gradients,
+    every buffer), then eval, in float64."""
+    torch._dynamo.reset()
+    reference = _model()[0].double().train()
+    ours = batchnorm.convert(_model()[0].double().train())
+    compiled_ref, compiled_ours = torch.compile(reference), torch.compile(ours)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        x = torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64) * (1 + step)
+        x.requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y_ref, y_ours = compiled_ref(x), compiled_ours(x2)
+        torch.testing.assert_close(y_ours, y_ref)
+        y_ref.square().sum().backward()
+        y_ours.square().sum().backward()
+        torch.testing.assert_close(x2.grad, x.grad)
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(reference.named_buffers(), ours.buffers(), strict=True):
+        torch.testing.assert_close(c, b, msg=name)
+    assert reference[1].num_batches_tracked.item() == 1 + 3  # _model's batch, then ours
+    x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(compiled_ours.eval()(x), compiled_ref.eval()(x))

@@ -8,7 +8,7 @@
     batchnorm.GhostBatchNorm2d, BatchRenorm2d, FrozenBatchNorm2d, freeze_batchnorm   the family
 """
 
-from batchnorm import functional
+from batchnorm import functional, fusers
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.family import (
     BatchRenorm1d,
@@ -38,6 +38,8 @@ from batchnorm.nn import (
     convert,
     to_torch,
 )
+
+fusers.register()  # torch's fuse_modules and fx fuse see our layers (fusers.py says how)
 
 __version__ = "0.1.0"
 
