@@ -61,3 +61,60 @@ def test_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit, match="providers"):
         main(["bench", "--providers", "numpy", "--shapes", "4x3"])
     assert torch.get_num_threads() >= 1
+
+
+def test_bench_residual_mode_and_resnet_totals(tmp_path):
+    """add-relu-fwd-bwd on the CPU, and the ResNet-50 totals for a shape of its table."""
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--shapes", "2x2048x7x7", "--layouts", "contiguous", "--modes",
+                   "eval-fwd,add-relu-fwd-bwd", "--providers", "ours,torch", "--threads", "1",
+                   "--repeat", "1", "--rounds", "1", "--out", str(out)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    residual = [r for r in data["rows"] if r["mode"] == "add-relu-fwd-bwd"]
+    assert residual and residual[0]["ours_correct"] and residual[0]["ours-unfused_correct"]
+    assert all(r["layers"] == bench.RESNET50_BN[(2048, 7, 7)] for r in data["rows"])
+    (total, _) = sorted(data["totals"], key=lambda t: t["mode"])
+    assert total["layers"] == 4 and total["ms"]["ours"] == 4 * residual[0]["ours_ms"]
+
+
+def test_bench_verification_compares_a_prefix_never_more():
+    from batchnorm.bench import cases
+
+    mode = cases.MODE_TABLE["add-relu-fwd-bwd"]
+    inputs = cases.make_inputs((4, 3, 5), "contiguous", torch.float32, torch.device("cpu"), True)
+    expected = cases.reference(mode, inputs)
+    got = cases.PROVIDERS["ours"].case(mode, inputs)()
+    assert len(got) == len(expected) == 5  # y, d input, d weight, d bias, d residual
+    assert cases.verify(got, expected, mode, torch.float32)
+    assert cases.verify(got[:4], expected, mode, torch.float32)
+    assert not cases.verify(got + got[:1], expected, mode, torch.float32)
+    assert not cases.verify((got[0] * 1.01,), expected, mode, torch.float32)
+
+
+def test_bench_device_arguments():
+    with pytest.raises(SystemExit, match="--self-check is the dry run of the cuda path"):
+        main(["bench", "--self-check"])
+    with pytest.raises(SystemExit, match="providers on cpu"):
+        main(["bench", "--providers", "ours,ours-kernels", "--shapes", "4x3"])
+    with pytest.raises(SystemExit, match="modes"):
+        main(["bench", "--modes", "train_fwd", "--shapes", "4x3"])  # one spelling: train-fwd
+    with pytest.raises(SystemExit, match="dtypes"):
+        main(["bench", "--device", "cuda", "--dtypes", "float8", "--quick"])
+    with pytest.raises(SystemExit, match="CPU only"):
+        main(["bench", "--device", "cuda", "--e2e"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
+def test_bench_cuda_skips_without_cuda(capsys):
+    assert main(["bench", "--device", "cuda", "--quick"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_e2e_step_is_checked_and_timed():
+    from batchnorm.bench import e2e
+
+    row = e2e._model_row("small-cnn", e2e.small_cnn, (4, 3, 16, 16), "channels_last",
+                         compile=False, rounds=1, repeat=1)
+    assert row["correct"] and row["ours_ms"] > 0 and row["no_bn_ms"] > 0
+    assert 0 < row["speedup_vs_torch"]

@@ -13,7 +13,6 @@ of BLOCK_C, several splits (the combine kernels, looping over their own blocks) 
 (sm_90) without a GPU, which the interpreter cannot check (loop-carried types, vectorization).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -362,34 +361,23 @@ def test_tile_config_rejects_non_powers_of_two():
             pass
 
 
-def _load_gpu_bench():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_bench.py")
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(ON_GPU, reason="the dry run interprets the kernels on the CPU; with a GPU "
-                    "run benchmarks/gpu_bench.py itself")
-def test_gpu_bench_self_check_runs_and_verifies(monkeypatch, tmp_path, capsys):
-    # The benchmark's dry run: CPU tensors on the interpreted kernels, ours vs torch.nn, JSON.
-    gpu_bench = _load_gpu_bench()
+                    "run batchnorm bench --device cuda itself")
+def test_bench_cuda_self_check_runs_and_verifies(tmp_path, capsys):
+    # The benchmark's dry run: CPU tensors on the interpreted kernels, ours (through the ops and
+    # directly) vs torch.nn, JSON.
+    from batchnorm.cli import main
+
     out = tmp_path / "bench.json"
-    code = gpu_bench.main(["--self-check", "--batch", "2", "--dtypes", "bfloat16", "--layouts",
-                           "channels_last", "--modes", "bn_add_relu_fwd_bwd", "--providers",
-                           "ours,torch", "--out", str(out)])
+    code = main(["bench", "--device", "cuda", "--self-check", "--batch", "2", "--dtypes",
+                 "bfloat16", "--layouts", "channels_last", "--modes", "add-relu-fwd-bwd",
+                 "--providers", "ours,ours-kernels,torch", "--out", str(out)])
     assert code == 0, capsys.readouterr().out
     result = json.loads(out.read_text())
     (row,) = result["rows"]
-    assert row["backend"] == "triton" and row["verify"]["ours"]["ok"], row
-    assert result["verification_failures"] == 0
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
-def test_gpu_bench_skips_without_cuda(capsys):
-    assert _load_gpu_bench().main(["--quick"]) == 0
-    assert "no CUDA device" in capsys.readouterr().out
+    assert row["backend"] == "triton" and row["ours_correct"], row
+    assert row["ours-kernels_correct"] and row["ours-unfused_correct"], row
+    assert result["machine"]["device"] == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ sizes are multiples of 16 (tests/test_kernels_triton.py compiles them without a 
 `tile_config` overrides the sizes; the tests use it to cross every block boundary with small
 tensors. Launch plans are cached per shape, so the host work per call is a few dict lookups.
 
-Performance status: designed for >= 85% of HBM bandwidth and >= 1.2x cuDNN on ResNet-50's BN
-layers (benchmarks/gpu_bench.py measures both); not yet measured on a GPU.
+Performance status: designed for >= 85% of HBM bandwidth on the bytes its two passes move
+(train forward 3n, forward+backward 8n, where the one-sweep limit is 2n and 5n) and >= 1.2x cuDNN
+on ResNet-50's BN layers (`batchnorm bench --device cuda` measures both: "x roofline" and the
+ResNet-50 totals); not yet measured on a GPU.
 
 float64 is left to the composite fallback (DTYPES). Empty tensors, too.
 """
