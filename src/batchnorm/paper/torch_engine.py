@@ -29,6 +29,9 @@ from batchnorm.paper.experiment import NETS, Evaluation, InitialWeights, Setting
 
 __all__ = ["TorchEngine", "bn_train_forward", "bn_train_backward"]
 
+# dL/dz = dL/da * a * (1 - a) into a given tensor (the out= form of torch's sigmoid backward)
+_sigmoid_backward_into = torch.ops.aten.sigmoid_backward.grad_input
+
 
 def _stack(inits: list[InitialWeights], layer: int) -> torch.Tensor:
     """(S, fan_in, fan_out) float32: layer `layer` of every seed."""
@@ -98,15 +101,44 @@ class TorchEngine:
                          + [self.g[f"b_plain{i}"] for i in range(1, layers - 1)])
         self.b_out = {"plain": p["b_out_plain"], "bn": p["b_out_bn"]}
         self.gb_out = {"plain": self.g["b_out_plain"], "bn": self.g["b_out_bn"]}
-        # work buffers
+        # Work buffers, each with the views the step reads it through, made once: at these
+        # sizes a view or a fresh tensor costs as much as the arithmetic of an elementwise op.
         self.x = torch.empty(S * N, self.x_train.shape[1])            # (S * 60, 784)
-        self.x_t = self.x.view(S, N, -1).transpose(1, 2)               # (S, 784, 60) view
+        self.x_seeds = self.x.view(S, N, -1)                            # (S, 60, 784)
+        self.x_t = self.x_seeds.transpose(1, 2)                         # (S, 784, 60)
         self.onehot = torch.empty(S * N, outputs)
+        self.onehot_seeds = self.onehot.view(S, N, -1)
         self.z_first = torch.empty(S, N, 2 * C)
         self.dz_first = torch.empty(S, N, 2 * C)
         self.logits = torch.empty(2, S, N, outputs)                     # [plain, bn]
-        self.z_side = [torch.empty(N, S * C) for _ in self.norms]       # BN inputs, (60, S * 100)
+        self.softmax = torch.empty_like(self.logits)                    # becomes dL/dlogits
+        self.row_max, self.row_sum = torch.empty(2, S, N, 1), torch.empty(2, S, N, 1)
+        hidden = layers - 1
+        # plain: activations per seed, (S, 60, 100)
+        self.a_plain = [torch.empty(S, N, C) for _ in range(hidden)]
+        self.a_plain_t = [a.transpose(1, 2) for a in self.a_plain]
+        # BN: inputs and activations side by side, (60, S * 100), each also read per seed
+        self.z_side = [torch.empty(N, S * C) for _ in range(hidden)]
+        self.a_side = [torch.empty(N, S * C) for _ in range(hidden)]
+        self.a_bn = [self._per_seed(a) for a in self.a_side]                 # (S, 60, 100)
+        self.a_bn_t = [a.transpose(1, 2) for a in self.a_bn]
+        self.z_bn = torch.empty(S, N, C)                  # h W of layers 2.., before the copy
+        self.z_into_side = [z.view(N, S, C) for z in self.z_side]
+        self.z_from = ([self.z_first[..., C:].transpose(0, 1)]
+                       + [self.z_bn.transpose(0, 1)] * (hidden - 1))       # (60, S, 100) views
+        # backward
+        self.dh = {net: torch.empty(S, N, C) for net in NETS}
+        self.dh_side = self.dh["bn"].transpose(0, 1)                        # (60, S, 100) view
+        self.dz_plain = torch.empty(S, N, C)
+        self.dz_first_halves = (self.dz_first[..., :C], self.dz_first[..., C:])
         self.du_side = torch.empty(N, S * C)                             # BN's output gradient
+        self.du_into = self.du_side.view(N, S, C)
+        self.a_side_nsc = [a.view(N, S, C) for a in self.a_side]
+        self.z_plain_first = self.z_first[..., :C]
+        # the BN layers' tensors, read once (a Module attribute lookup costs a few us)
+        self.norm_state = [(norm.weight, norm.bias, norm.eps, norm.running_mean,
+                            norm.running_var, norm.num_batches_tracked, norm.momentum)
+                           for norm in self.norms]
         self.details = {"dtype": "float32", "torch": torch.__version__,
                         "bn_kernels": kernels.backend_name(self.x_train),
                         "torch_threads": torch.get_num_threads()}
@@ -114,11 +146,10 @@ class TorchEngine:
     # ------------------------------------------------------------------------------------------
     # layout: (S, N, 100) per seed <-> (N, S * 100) side by side
 
-    def _side_by_side(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _side_by_side(self, z: torch.Tensor) -> torch.Tensor:
         """(S, N, 100) -> (N, S * 100), channel s * 100 + j = unit j of seed s (a copy)."""
         S, N, C = z.shape
-        if out is None:
-            out = torch.empty(N, S * C)
+        out = torch.empty(N, S * C)
         out.view(N, S, C).copy_(z.transpose(0, 1))
         return out
 
@@ -131,67 +162,70 @@ class TorchEngine:
     @torch.no_grad()
     def step(self, batch: np.ndarray) -> None:
         """One SGD step of all 2 * S networks; batch (S, 60): seed s's train indices in row s."""
-        S, N, C = self.seeds, self.batch_size, self.width
+        N = self.batch_size
         index = torch.from_numpy(batch).view(-1)
         torch.index_select(self.x_train, 0, index, out=self.x)
         torch.index_select(self.onehot_train, 0, index, out=self.onehot)
-        x = self.x.view(S, N, -1)                                         # (S, 60, 784)
-        p, w, w_t, lr = self.p, self.w, self.w_t, self.settings.lr
+        w, w_t, lr, hidden = self.w, self.w_t, self.settings.lr, len(self.norms)
         # layer 1 of both networks: [z_plain + b | z_bn] (S, 60, 200)
-        torch.baddbmm(p["b_first"], x, self.w_first, out=self.z_first)
+        torch.baddbmm(self.p["b_first"], self.x_seeds, self.w_first, out=self.z_first)
 
         # forward, plain: z = h W + b; a = sigmoid(z)
-        a, plain_acts = torch.sigmoid(self.z_first[..., :C]), []
-        plain_acts.append(a)
-        for i, b in enumerate(self.b_plain[1:]):
-            a = torch.sigmoid(torch.baddbmm(b, a, w["plain"][i]))          # (S, 60, 100)
-            plain_acts.append(a)
-        torch.baddbmm(self.b_out["plain"], a, w["plain"][-1], out=self.logits[0])
+        a_plain = self.a_plain
+        torch.sigmoid(self.z_plain_first, out=a_plain[0])
+        for i in range(1, hidden):
+            torch.baddbmm(self.b_plain[i], a_plain[i - 1], w["plain"][i - 1], out=a_plain[i])
+            a_plain[i].sigmoid_()
+        torch.baddbmm(self.b_out["plain"], a_plain[-1], w["plain"][-1], out=self.logits[0])
 
         # forward, BN: z = h W; u = BN(z) on (60, S * 100); a = sigmoid(u)
-        z, bn_tape = self.z_first[..., C:], []
-        for i, norm in enumerate(self.norms):
-            if i > 0:                                  # a: (60, S * 100), read per seed
-                z = torch.bmm(self._per_seed(a), w["bn"][i - 1])           # (S, 60, 100)
-            z_side = self._side_by_side(z, out=self.z_side[i])             # (60, S * 100)
-            u, mean, invstd = bn_train_forward(norm, z_side)   # S BN layers of 100 as one
-            a = torch.sigmoid(u)                                           # (60, S * 100)
-            bn_tape.append((z_side, mean, invstd, a))
-        torch.baddbmm(self.b_out["bn"], self._per_seed(a), w["bn"][-1], out=self.logits[1])
+        bn_tape = []
+        for i in range(hidden):
+            if i > 0:
+                torch.bmm(self.a_bn[i - 1], w["bn"][i - 1], out=self.z_bn)   # (S, 60, 100)
+            self.z_into_side[i].copy_(self.z_from[i])                      # -> (60, S * 100)
+            weight, bias, eps, running_mean, running_var, tracked, momentum = self.norm_state[i]
+            u, mean, _, invstd, _ = ops.forward_train(      # S BN layers of 100 as one
+                self.z_side[i], weight, bias, None, False, eps, running_mean, running_var,
+                tracked, momentum)
+            torch.sigmoid(u, out=self.a_side[i])
+            bn_tape.append((mean, invstd))
+        torch.baddbmm(self.b_out["bn"], self.a_bn[-1], w["bn"][-1], out=self.logits[1])
 
         # softmax cross-entropy, mean over each seed's batch: dL/dlogits = (softmax - onehot) / N
         # (softmax written out: torch.softmax over a last axis of 10 costs 4x more here)
-        e = torch.sub(self.logits, self.logits.amax(3, keepdim=True)).exp_()   # cannot overflow
-        d_logits = e.div_(e.sum(3, keepdim=True)).sub_(self.onehot.view(S, N, -1)).div_(N)
+        e = self.softmax
+        torch.amax(self.logits, 3, keepdim=True, out=self.row_max)
+        torch.sub(self.logits, self.row_max, out=e).exp_()                # cannot overflow
+        torch.sum(e, 3, keepdim=True, out=self.row_sum)
+        e.div_(self.row_sum).sub_(self.onehot_seeds).div_(N)
 
         # backward, in mirrored order
         norm_grads = [None] * len(self.norm_parameters)
-        for net, d, acts in (("plain", d_logits[0], plain_acts),
-                             ("bn", d_logits[1], [self._per_seed(t[3]) for t in bn_tape])):
+        for k, net in enumerate(NETS):
+            d, dh = e[k], self.dh[net]
+            acts, acts_t = (a_plain, self.a_plain_t) if k == 0 else (self.a_bn, self.a_bn_t)
             torch.sum(d, 1, keepdim=True, out=self.gb_out[net])
-            dh = torch.bmm(d, w_t[net][-1])                                # (S, 60, 100)
-            w[net][-1].baddbmm_(acts[-1].transpose(1, 2), d, alpha=-lr)    # SGD: W -= lr a^T d
-            for i in reversed(range(len(acts))):
-                if net == "plain":                         # back through sigmoid (layer 1: into
-                    dz = (torch.ops.aten.sigmoid_backward(dh, acts[i]) if i else   # dz_first)
-                          torch.ops.aten.sigmoid_backward.grad_input(
-                              dh, acts[i], grad_input=self.dz_first[..., :C]))
+            torch.bmm(d, w_t[net][-1], out=dh)                             # (S, 60, 100)
+            w[net][-1].baddbmm_(acts_t[-1], d, alpha=-lr)                  # SGD: W -= lr a^T d
+            for i in reversed(range(hidden)):
+                if k == 0:                                 # back through sigmoid (layer 1: into
+                    dz = self.dz_first_halves[0] if i == 0 else self.dz_plain    # dz_first)
+                    _sigmoid_backward_into(dh, acts[i], grad_input=dz)
                     torch.sum(dz, 1, keepdim=True, out=self.gb_plain[i])   # back through + b
-                else:
-                    z_side, mean, invstd, a = bn_tape[i]
-                    du = self.du_side                      # back through sigmoid, side by side
-                    torch.ops.aten.sigmoid_backward.grad_input(
-                        dh.transpose(0, 1), a.view(N, S, C), grad_input=du.view(N, S, C))
-                    dz_side, d_gamma, d_beta = bn_train_backward(      # back through BN
-                        self.norms[i], du, z_side, mean, invstd)
-                    norm_grads[2 * i:2 * i + 2] = d_gamma, d_beta
+                else:                                      # back through sigmoid, side by side
+                    _sigmoid_backward_into(self.dh_side, self.a_side_nsc[i],
+                                           grad_input=self.du_into)
+                    mean, invstd = bn_tape[i]
+                    dz_side, sum_du, sum_du_xhat = ops.backward_train(      # back through BN
+                        self.du_side, self.z_side[i], mean, invstd, self.norm_state[i][0], None)
+                    norm_grads[2 * i:2 * i + 2] = sum_du_xhat, sum_du      # d gamma, d beta
                     dz = self._per_seed(dz_side)                           # (S, 60, 100) view
-                if i == 0:                                 # layer 1: both networks at once
-                    if net == "bn":
-                        self.dz_first[..., C:] = dz
-                else:                                                      # back through h W
-                    dh = torch.bmm(dz, w_t[net][i - 1])      # with W before its update
-                    w[net][i - 1].baddbmm_(acts[i - 1].transpose(1, 2), dz, alpha=-lr)
+                    if i == 0:                             # layer 1: both networks at once
+                        self.dz_first_halves[1].copy_(dz)
+                if i > 0:                                                  # back through h W
+                    torch.bmm(dz, w_t[net][i - 1], out=dh)   # with W before its update
+                    w[net][i - 1].baddbmm_(acts_t[i - 1], dz, alpha=-lr)
         self.w_first.baddbmm_(self.x_t, self.dz_first, alpha=-lr)          # (S, 784, 200)
 
         # SGD for the biases in one call (the BN half of b_first's gradient is never written: it
