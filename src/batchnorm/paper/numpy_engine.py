@@ -14,7 +14,7 @@ import numpy as np
 
 from batchnorm import reference
 from batchnorm.paper.data import MnistData
-from batchnorm.paper.experiment import Evaluation, InitialWeights, Settings
+from batchnorm.paper.settings import Evaluation, InitialWeights, Settings
 
 __all__ = ["NumpyNet", "NumpyEngine", "sigmoid", "softmax_cross_entropy"]
 

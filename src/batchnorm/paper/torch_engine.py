@@ -10,11 +10,12 @@ channels per hidden layer: the S seeds' (60, 100) pre-activations laid side by s
 channel axis as (60, S * 100), channel s * 100 + j being unit j of seed s. BN normalizes each
 channel by its own batch statistics and has its own gamma, beta and running statistics per
 channel, so this is exactly S separate BatchNorm1d(100) layers: the note's "per-dimension"
-normalization at work. Its forward and backward run through autograd (the layer's own
-autograd.Function); everything else is written out by hand under no_grad: at (60, 100) a
-training step is dominated by the per-call cost of each torch call, not by arithmetic, so the
-step makes few, large calls into preallocated buffers, and each backward step mirrors its
-forward step.
+normalization at work. Its forward and backward are the two ops BatchNorm1d's training step
+runs on (batchnorm::forward_train, which also updates the running statistics, and
+::backward_train), called directly; everything else is written out by hand under no_grad: at
+(60, 100) a training step is dominated by the per-call cost of each torch call, not by
+arithmetic, so the step makes few, large calls into buffers allocated once (with the views it
+reads them through), and each backward step mirrors its forward step.
 """
 
 import time
@@ -25,7 +26,7 @@ import torch
 from batchnorm import kernels, ops
 from batchnorm.nn import BatchNorm1d
 from batchnorm.paper.data import MnistData
-from batchnorm.paper.experiment import NETS, Evaluation, InitialWeights, Settings
+from batchnorm.paper.settings import NETS, Evaluation, InitialWeights, Settings
 
 __all__ = ["TorchEngine", "bn_train_forward", "bn_train_backward"]
 
