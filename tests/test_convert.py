@@ -125,3 +125,39 @@ def test_to_torch_refuses_a_sync_batchnorm_with_a_fused_relu():
     with pytest.raises(TypeError, match="fuses a ReLU"):
         batchnorm.to_torch(net)
     batchnorm.to_torch(torch.nn.Sequential(batchnorm.SyncBatchNorm(3)))  # no ReLU: converts
+
+
+def _instance(cls):
+    if issubclass(cls, torch.nn.modules.lazy.LazyModuleMixin):
+        return cls()
+    if issubclass(cls, (batchnorm.GhostBatchNorm1d, batchnorm.GhostBatchNorm2d,
+                        batchnorm.GhostBatchNorm3d)):
+        return cls(4, virtual_batch_size=2)
+    return cls(4)
+
+
+def test_one_table_lists_every_class_and_drives_both_directions():
+    """Walk batchnorm.conversion.CLASSES: every batch-norm class the package exports is in it;
+    a class with a torch.nn twin converts from it and back to it, state shared; a class without
+    one is refused by to_torch with the table's reason."""
+    from batchnorm.conversion import CLASSES
+
+    exported = {getattr(batchnorm, name) for name in batchnorm.__all__}
+    norms = {c for c in exported if isinstance(c, type) and (
+        issubclass(c, torch.nn.modules.batchnorm._BatchNorm)
+        or issubclass(c, batchnorm.FrozenBatchNorm))}
+    listed = [ours for ours, _ in CLASSES]
+    assert len(listed) == len(set(listed)) and norms <= set(listed), norms - set(listed)
+    for ours, theirs in CLASSES:
+        if isinstance(theirs, type):
+            original = _instance(theirs)
+            converted = batchnorm.convert(torch.nn.Sequential(original))[0]
+            assert type(converted) is ours
+            back = batchnorm.to_torch(torch.nn.Sequential(converted))[0]
+            assert type(back) is theirs
+            if not isinstance(original, torch.nn.modules.lazy.LazyModuleMixin):
+                assert back.weight is original.weight and back.running_var is original.running_var
+        else:
+            with pytest.raises(TypeError, match=ours.__name__) as error:
+                batchnorm.to_torch(torch.nn.Sequential(_instance(ours)))
+            assert theirs in str(error.value)

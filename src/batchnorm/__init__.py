@@ -9,6 +9,7 @@
 """
 
 from batchnorm import functional, fusers
+from batchnorm.conversion import convert, to_torch
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.family import (
     BatchRenorm1d,
@@ -35,8 +36,6 @@ from batchnorm.nn import (
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
-    convert,
-    to_torch,
 )
 
 fusers.register()  # torch's fuse_modules and fx fuse see our layers (fusers.py says how)

@@ -21,8 +21,30 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
     "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "convert", "to_torch", "replace_modules", "swap_class",
+    "replace_modules", "swap_class", "fuses_relu",
 ]
+
+
+class _ScriptableReLU(torch.nn.Module):
+    """relu(bn(x)) for TorchScript."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.relu(self.bn(input))
+
+
+class _ScriptableAddReLU(torch.nn.Module):
+    """relu(bn(x) + residual) for TorchScript."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return torch.relu(self.bn(input) + residual)
 
 
 class _BatchNorm(torch_bn._BatchNorm):
@@ -37,6 +59,9 @@ class _BatchNorm(torch_bn._BatchNorm):
     # it from the module; it is not in the state_dict (checkpoints stay torch's).
     skipped_batches: int = 0
     _batchnorm_name: str = ""  # the layer's name in the model, set by convert()
+    # What torch.jit.script compiles in this class's place: (torch.nn class, wrapper or None),
+    # set on each class below; a class without its own (a subclass) cannot be scripted.
+    _script_as: tuple[type, type | None] | None = None
 
     def __new__(cls, *args, **kwargs):
         module = super().__new__(cls)
@@ -104,7 +129,7 @@ class _BatchNorm(torch_bn._BatchNorm):
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
         Parameter and buffer objects (TorchScript cannot compile our Python forward), with the
         fused ReLU / residual add as TorchScript-able modules around it."""
-        twin = _TO_TORCH_TWIN.get(type(self))
+        twin = type(self).__dict__.get("_script_as")  # the exact class's: not a subclass's
         if twin is None:
             raise RuntimeError(
                 f"torch.jit.script cannot compile {type(self).__name__}: it has no torch.nn "
@@ -124,36 +149,42 @@ class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     """Batch norm over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
 
     _ranks, _layouts = (2, 3), "(N, C) or (N, C, L)"
+    _script_as = (torch.nn.BatchNorm1d, None)
 
 
 class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     """Batch norm over (N, C, H, W) input, contiguous or channels_last, as torch.nn.BatchNorm2d."""
 
     _ranks, _layouts = (4,), "(N, C, H, W)"
+    _script_as = (torch.nn.BatchNorm2d, None)
 
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """Batch norm over (N, C, D, H, W) input, as torch.nn.BatchNorm3d."""
 
     _ranks, _layouts = (5,), "(N, C, D, H, W)"
+    _script_as = (torch.nn.BatchNorm3d, None)
 
 
 class BatchNormReLU1d(BatchNorm1d):
     """relu(batch_norm(x)) in one pass forward and one backward; state_dict of a BatchNorm1d."""
 
     relu = True
+    _script_as = (torch.nn.BatchNorm1d, _ScriptableReLU)
 
 
 class BatchNormReLU2d(BatchNorm2d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm2d."""
 
     relu = True
+    _script_as = (torch.nn.BatchNorm2d, _ScriptableReLU)
 
 
 class BatchNormReLU3d(BatchNorm3d):
     """relu(batch_norm(x)) fused; state_dict of a BatchNorm3d."""
 
     relu = True
+    _script_as = (torch.nn.BatchNorm3d, _ScriptableReLU)
 
 
 class _AddReLU:
@@ -168,9 +199,13 @@ class _AddReLU:
 class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
+    _script_as = (torch.nn.BatchNorm2d, _ScriptableAddReLU)
+
 
 class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
+
+    _script_as = (torch.nn.BatchNorm3d, _ScriptableAddReLU)
 
 
 class LazyBatchNorm1d(torch_bn._LazyNormBase, BatchNorm1d):
@@ -238,130 +273,3 @@ def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     if issubclass(cls, _BatchNorm):
         object.__setattr__(swapped, "__module__", "torch.nn-compatible:batchnorm.nn")
     return swapped
-
-
-def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A lazy layer that has not seen an input has no state to share: a new one of cls with the
-    same arguments (its parameter-inference hook belongs to the new module)."""
-    fresh = cls(module.eps, module.momentum, module.affine, module.track_running_stats)
-    fresh.train(module.training)
-    return fresh
-
-
-def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
-                  skipped: list[str]) -> torch.nn.Module:
-    """replace_modules with swap_class for each module whose exact type is in mapping; a type in
-    refuse raises its TypeError; other torch.nn batch-norm subclasses are named in skipped."""
-
-    def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
-        kind = type(module)
-        if kind in refuse:
-            raise TypeError(f"{name or 'the model'} ({kind.__name__}) {refuse[kind]}")
-        if kind in mapping:
-            target = mapping[kind]
-            if fuses_relu(module) and not fuses_relu(target):  # SyncBatchNorm(relu=True)
-                raise TypeError(f"{name or 'the model'} ({kind.__name__}) fuses a ReLU and "
-                                f"{target.__name__} has none; it would be silently dropped")
-            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-                return _fresh_lazy(module, target)
-            swapped = swap_class(module, target)
-            if issubclass(target, _BatchNorm):
-                swapped._batchnorm_name = name
-            return swapped
-        if isinstance(module, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
-                "batchnorm",):
-            skipped.append(f"{name or 'the model'} ({kind.__module__}.{kind.__qualname__})")
-        return None
-
-    return replace_modules(model, swap)
-
-
-class _ScriptableReLU(torch.nn.Module):
-    """relu(bn(x)) for TorchScript."""
-
-    def __init__(self, bn: torch.nn.Module) -> None:
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, input: Tensor) -> Tensor:
-        return torch.relu(self.bn(input))
-
-
-class _ScriptableAddReLU(torch.nn.Module):
-    """relu(bn(x) + residual) for TorchScript."""
-
-    def __init__(self, bn: torch.nn.Module) -> None:
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        return torch.relu(self.bn(input) + residual)
-
-
-# Our class -> (torch.nn class holding the state, TorchScript-able wrapper or None)
-_TO_TORCH_TWIN: dict[type, tuple[type, type | None]] = {
-    BatchNorm1d: (torch.nn.BatchNorm1d, None),
-    BatchNorm2d: (torch.nn.BatchNorm2d, None),
-    BatchNorm3d: (torch.nn.BatchNorm3d, None),
-    BatchNormReLU1d: (torch.nn.BatchNorm1d, _ScriptableReLU),
-    BatchNormReLU2d: (torch.nn.BatchNorm2d, _ScriptableReLU),
-    BatchNormReLU3d: (torch.nn.BatchNorm3d, _ScriptableReLU),
-    BatchNormAddReLU2d: (torch.nn.BatchNorm2d, _ScriptableAddReLU),
-    BatchNormAddReLU3d: (torch.nn.BatchNorm3d, _ScriptableAddReLU),
-}
-
-
-def _torch_to_ours() -> dict[type, type]:
-    from batchnorm.distributed import SyncBatchNorm  # distributed builds on this file
-
-    return {
-        torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-        torch.nn.BatchNorm3d: BatchNorm3d,
-        torch.nn.LazyBatchNorm1d: LazyBatchNorm1d, torch.nn.LazyBatchNorm2d: LazyBatchNorm2d,
-        torch.nn.LazyBatchNorm3d: LazyBatchNorm3d,
-        torch.nn.SyncBatchNorm: SyncBatchNorm,
-    }
-
-
-def convert(model: torch.nn.Module, *, report: list[str] | None = None) -> torch.nn.Module:
-    """Swap every torch.nn batch-norm layer in model for this package's, in place.
-
-    torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d and SyncBatchNorm are converted. The new
-    layers hold the very same Parameter and buffer objects and keep the old ones' hooks and
-    instance attributes, so state, outputs, optimizer references and hooks are kept. Subclasses
-    of torch's classes are left as they are (their own methods could differ from ours) and named
-    in a warning. `report`, when given, receives one line per layer replaced. Returns the model
-    (a new module when model itself is a batch-norm layer).
-    """
-    skipped: list[str] = []
-    before = {name: type(m) for name, m in model.named_modules()}
-    converted = _swap_classes(model, _torch_to_ours(), refuse={}, skipped=skipped)
-    if report is not None:
-        for name, module in converted.named_modules():
-            if name in before and before[name] is not type(module):
-                report.append(f"{name or 'the model'}: {before[name].__name__} -> "
-                              f"batchnorm.{type(module).__name__}")
-    if skipped:
-        import warnings
-
-        warnings.warn("batchnorm.convert left these batch-norm layers as they are (subclasses of "
-                      "torch's classes, whose own methods ours would drop): "
-                      + ", ".join(skipped), UserWarning, stacklevel=2)
-    return converted
-
-
-def to_torch(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every batch-norm layer of this package's back to torch.nn's, in place (the inverse
-    of convert, sharing state and hooks likewise). Fused layers (BatchNormReLU*, BatchNormAddReLU*)
-    have no torch.nn class: a TypeError names them. Returns the model."""
-    from batchnorm.distributed import SyncBatchNorm
-
-    mapping = {ours: theirs for theirs, ours in _torch_to_ours().items()
-               if not issubclass(ours, LazyModuleMixin)}
-    mapping[SyncBatchNorm] = torch.nn.SyncBatchNorm
-    refuse = {cls: "fuses a ReLU and has no torch.nn equivalent; use its BatchNorm class"
-              for cls in (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, BatchNormAddReLU2d,
-                          BatchNormAddReLU3d)}
-    lazy = {LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
-            LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
-    return _swap_classes(model, {**mapping, **lazy}, refuse=refuse, skipped=[])
