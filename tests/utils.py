@@ -1,8 +1,8 @@
 """Shared test helpers: the tolerance table, one comparison of two results, one input builder and
 one forward + gradients comparison for a batch-norm case."""
 
-import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -60,8 +60,7 @@ def channels_last_kept(y: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Inputs:
+class Inputs(NamedTuple):
     """A batch-norm case's tensors: x, dy and residual (N, C, *) in `dtype` and layout; weight
     and bias (C,) in `dtype`; mean and invstd (C,) in the statistics dtype (float32 for half)."""
 
