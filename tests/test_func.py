@@ -222,6 +222,7 @@ def _opinfo_samples():
     return list(info.sample_inputs("cpu", F64, requires_grad=True))
 
 
+@pytest.mark.slow
 def test_opinfo_sample_inputs_match_torch():
     # In a fresh interpreter: importing torch's test suite freezes torch.backends' global flags
     # for the rest of the process, which other tests set.

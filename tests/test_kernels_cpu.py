@@ -331,6 +331,7 @@ def test_python_threads_at_once():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_fork_after_use():
     script = textwrap.dedent("""
         import os, torch, batchnorm
@@ -357,6 +358,7 @@ def _env(**extra):
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]), **extra)
 
 
+@pytest.mark.slow
 def test_without_the_extension_warns_once_and_uses_the_composite():
     script = textwrap.dedent("""
         import sys, warnings
@@ -377,6 +379,7 @@ def test_without_the_extension_warns_once_and_uses_the_composite():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_environment_forces_the_composite():
     script = ("import torch, batchnorm; from batchnorm import kernels; "
               "assert kernels.backend_name(torch.empty(2, 3)) == 'composite'")
@@ -407,6 +410,7 @@ def test_composite_reference_is_not_the_cpu_kernels():
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_python_autograd_path_matches_torch():
     # Without the extension the single-process step runs through ops._BatchNormTrain (the
     # Python twin of kernels/cpu/autograd.cpp): train steps, eval, gradgradcheck against torch.
@@ -450,6 +454,7 @@ def test_python_autograd_path_matches_torch():
 @pytest.mark.parametrize("shape,layout", [((3, 3, 700, 701), "contiguous"),
                                           ((8, 8, 256, 256), "contiguous"),
                                           ((16, 32, 96, 96), "channels_last")])
+@pytest.mark.slow
 def test_large_float32_outputs_streamed(shape, layout):
     # Outputs of 16 MB and more are written with non-temporal stores from each run's first
     # aligned element on (S = 490700: unaligned runs; S = 65536: aligned ones; channels-last
@@ -467,6 +472,7 @@ def test_large_float32_outputs_streamed(shape, layout):
                  what="elemt")
 
 
+@pytest.mark.slow
 def test_composite_normalizes_float32_extremes_without_false_alarms():
     script = textwrap.dedent("""
         import warnings, torch, batchnorm

@@ -30,6 +30,7 @@ from tests.utils import assert_close, check_forward_backward, make_inputs
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 INTERPRETED = not ON_GPU
+pytestmark = [pytest.mark.interpreter] if INTERPRETED else []
 
 if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
     if "triton" in sys.modules:

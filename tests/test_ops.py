@@ -98,6 +98,7 @@ def test_torch_compile_fullgraph_eval_and_functional():
     torch.testing.assert_close(fn(x), batch_norm(x, None, None, training=True))
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor():
     torch._dynamo.reset()
     m = batchnorm.BatchNorm1d(4)
