@@ -88,7 +88,7 @@ def test_vmap_after_replace_all_batch_norm_modules(ours_cls, theirs_cls, shape, 
     ours, theirs = _pair(ours_cls, theirs_cls, shape[1])
     func.replace_all_batch_norm_modules_(ours)
     func.replace_all_batch_norm_modules_(theirs)
-    xs = torch.stack([make_inputs(shape, F64, seed=seed).x for seed in range(3)])  # (3, *shape)
+    xs = torch.stack([make_inputs(shape, F64, layout, seed).x for seed in range(3)])  # (3, *shape)
     torch.testing.assert_close(func.vmap(ours)(xs), func.vmap(theirs)(xs))
 
 
