@@ -202,6 +202,7 @@ def _spawn(world, tmp_path, checks):
 PAIR = (0, 1)
 
 
+@pytest.mark.slow
 def test_two_and_three_processes(tmp_path):
     _spawn(3, tmp_path, [
         # 3 processes

@@ -12,7 +12,7 @@ import batchnorm
 from batchnorm import family, reference
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.family import ghost as ghost_module
-from tests.utils import assert_close
+from tests.utils import assert_close, check_forward_backward, make_inputs, parameter_pairs
 
 F64 = torch.float64
 
@@ -39,26 +39,12 @@ def _randomize_affine(module, gen):
         module.bias.copy_(torch.randn(module.num_features, generator=gen))
 
 
-def _train_step_matches(ours, theirs, shape, dtype, gen, what, relu=False, layout=None):
-    """One training step of both modules on the same data: output, input and parameter grads."""
-    x64 = torch.randn(shape, generator=gen, dtype=F64) * 2 + 1
-    dy = torch.randn(shape, generator=gen, dtype=F64)
-    x = x64.to(dtype, copy=True)
-    if layout is not None:
-        x = x.contiguous(memory_format=layout)
-    x.requires_grad_()
-    x_ref = x64.clone().requires_grad_()
-    y, y_ref = ours(x), theirs(x_ref)
-    (y * dy.to(dtype)).sum().backward()
-    (y_ref * dy).sum().backward()
-    if layout is not None:
-        assert y.is_contiguous(memory_format=layout), f"{what}: memory layout not kept"
-    assert_close(y, y_ref, dtype, 64, f"{what}: output")
-    assert_close(x.grad, x_ref.grad, dtype, 64, f"{what}: input grad")
-    if ours.weight is not None:
-        assert_close(ours.weight.grad, theirs.weight.grad, dtype, 64, f"{what}: weight grad")
-        assert_close(ours.bias.grad, theirs.bias.grad, dtype, 64, f"{what}: bias grad")
-        ours.zero_grad(), theirs.zero_grad()
+def _train_step_matches(ours, theirs, shape, seed, what):
+    """One float64 training step of both modules on the same data: output, input and parameter
+    gradients."""
+    inputs = make_inputs(shape, F64, seed=seed)
+    check_forward_backward(ours, theirs, {"input": inputs.x}, F64, reduction_size=64,
+                           dy=inputs.dy, params=parameter_pairs(ours, theirs), what=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +70,7 @@ def test_ghost_with_the_whole_batch_is_batchnorm(shape, virtual):
     _randomize_affine(ours, gen)
     theirs.load_state_dict(ours.state_dict())
     for step in range(3):
-        _train_step_matches(ours, theirs, shape, F64, gen, f"step {step}")
+        _train_step_matches(ours, theirs, shape, step, f"step {step}")
     assert_close(ours.running_var, theirs.running_var, F64, 64, "running_var")
     assert_close(ours.running_mean, theirs.running_mean, F64, 64, "running_mean")
     ours.eval(), theirs.eval()
@@ -227,19 +213,18 @@ def test_renorm_with_unit_limits_is_batchnorm(shape):
         ours.running_var.fill_(25.0)
     theirs.load_state_dict(ours.state_dict())
     for step in range(3):
-        _train_step_matches(ours, theirs, shape, F64, gen, f"step {step}")
+        _train_step_matches(ours, theirs, shape, step, f"step {step}")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert_close(getattr(ours, name), getattr(theirs, name), F64, 64, name)
 
 
 def test_renorm_warmup_is_batchnorm():
     """Default schedule: the first 5000 steps are plain batch norm, whatever the limits."""
-    gen = torch.Generator().manual_seed(3)
     ours, theirs = family.BatchRenorm2d(3, dtype=F64), _torch_bn(4, 3)
     with torch.no_grad():
         ours.running_var.fill_(9.0)
     theirs.load_state_dict(ours.state_dict())
-    _train_step_matches(ours, theirs, (4, 3, 2, 2), F64, gen, "warm-up step")
+    _train_step_matches(ours, theirs, (4, 3, 2, 2), 3, "warm-up step")
     ours.num_batches_tracked.fill_(40000)  # past the ramps: r_max = 3, d_max = 5
     assert [float(v) for v in ours.current_limits()] == [3.0, 5.0]
 
@@ -375,12 +360,7 @@ def test_frozen_equals_eval_batchnorm(cls, shape, affine):
     frozen = family.freeze_batchnorm(copy.deepcopy(bn))
     assert isinstance(frozen, family.FrozenBatchNorm) and frozen.training
     x = torch.randn(shape, generator=gen, dtype=F64)
-    x_ref, x = x.clone().requires_grad_(), x.requires_grad_()
-    y, y_ref = frozen(x), bn(x_ref)
-    assert_close(y, y_ref, F64, 64, "output")
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    assert_close(x.grad, x_ref.grad, F64, 64, "input grad")
+    check_forward_backward(frozen, bn, {"input": x}, F64, reduction_size=64)
     assert list(frozen.parameters()) == []
 
 

@@ -12,6 +12,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
 from batchnorm.functional import batch_norm
+from tests.utils import check_forward_backward, make_inputs
 
 
 def test_signature_extends_torch():
@@ -27,22 +28,24 @@ def test_signature_extends_torch():
 @pytest.mark.parametrize("training,with_stats", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_matches_torch_functional(training, with_stats, affine):
-    torch.manual_seed(0)
-    x = torch.randn(6, 4, 5, dtype=torch.float64) * 3 + 1
-    args = {}
-    stats = [(torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5)
-             for _ in range(2)]
+    inputs = make_inputs((6, 4, 5), torch.float64)
+    running = [inputs.mean, 1 / inputs.invstd**2] if with_stats else [None, None]
+    ours_stats, theirs_stats = ([None if t is None else t.clone() for t in running]
+                                for _ in range(2))
+    leaves = {"input": inputs.x}
     if affine:
-        args = {"weight": torch.randn(4, dtype=torch.float64),
-                "bias": torch.randn(4, dtype=torch.float64)}
-    rm1, rv1 = (stats[0][0].clone(), stats[0][1].clone()) if with_stats else (None, None)
-    rm2, rv2 = (stats[0][0].clone(), stats[0][1].clone()) if with_stats else (None, None)
-    y = batch_norm(x, rm1, rv1, training=training, momentum=0.3, eps=1e-3, **args)
-    y_ref = TF.batch_norm(x, rm2, rv2, training=training, momentum=0.3, eps=1e-3, **args)
-    torch.testing.assert_close(y, y_ref)
+        leaves.update(weight=inputs.weight, bias=inputs.bias)
+
+    def call(fn, stats):
+        return lambda x, *affine: fn(x, *stats, *affine, training=training, momentum=0.3,
+                                     eps=1e-3)
+
+    check_forward_backward(call(batch_norm, ours_stats), call(TF.batch_norm, theirs_stats),
+                           leaves, torch.float64, reduction_size=30)
     if with_stats:
-        torch.testing.assert_close(rm1, rm2)
-        torch.testing.assert_close(rv1, rv2)
+        torch.testing.assert_close(ours_stats, theirs_stats, rtol=0, atol=1e-12)
+        updated = not torch.equal(ours_stats[0], running[0])
+        assert updated == training, f"running_mean updated: {updated}, training: {training}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def test_empty_inputs_as_torch(shape, training):
     stats = (None, None) if training else (torch.zeros(3), torch.ones(3))
     ours = batch_norm(x, *stats, training=training)
     theirs = torch.nn.functional.batch_norm(x, *stats, training=training)
-    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs)  # shape, dtype and device: there are no values
 
 
 def test_tensors_on_another_device_are_rejected():

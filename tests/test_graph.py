@@ -222,6 +222,7 @@ def test_a_wrong_stage_backward_is_caught_before_drawing(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("flags, view", [([], "train"), (["--bias"], "bias"),
                                          (["--eval"], "eval")])
+@pytest.mark.slow
 def test_command_prints_the_table_and_writes_png_and_svg(tmp_path, capsys, flags, view):
     assert cli.main(["graph", "--out", str(tmp_path), *flags]) == 0
     out = capsys.readouterr().out

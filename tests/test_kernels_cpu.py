@@ -20,7 +20,7 @@ import batchnorm  # noqa: F401  (defines the ops)
 from batchnorm import kernels, ops
 from batchnorm.kernels import composite
 from batchnorm.layout import stat_dtype
-from tests.utils import assert_close, to_layout
+from tests.utils import assert_close, make_inputs, to_layout
 
 pytestmark = pytest.mark.skipif(not kernels.native_cpu(),
                                 reason="the C++ CPU kernels are not built (see setup.py)")
@@ -56,20 +56,6 @@ FLAGS = [  # (weight, bias, residual, relu)
 ]
 
 
-def _inputs(shape, layout, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    x = to_layout(torch.randn(shape, generator=g) * 2 + 3, layout).to(dtype)
-    dy = to_layout(torch.randn(shape, generator=g), layout).to(dtype)
-    res = to_layout(torch.randn(shape, generator=g), layout).to(dtype)
-    acc = stat_dtype(dtype)
-    w = (torch.rand(C, generator=g) + 0.5).to(dtype)
-    b = torch.randn(C, generator=g).to(dtype)
-    mean = torch.randn(C, generator=g).to(acc) + 3
-    invstd = (torch.rand(C, generator=g) + 0.5).to(acc)
-    return x, dy, res, w, b, mean, invstd
-
-
 def _f64(t):
     return None if t is None else t.double()
 
@@ -88,7 +74,7 @@ def _count(shape):
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stats(shape, layout, dtype):
-    x = _inputs(shape, layout, dtype)[0]
+    x = make_inputs(shape, dtype, layout).x
     mean, m2 = ops.stats(x)
     assert mean.dtype == m2.dtype == stat_dtype(dtype)
     ref_mean, ref_m2 = _reference("stats", x)
@@ -104,7 +90,7 @@ def test_stats(shape, layout, dtype):
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "w{}b{}r{}relu{}".format(*map(int, f)))
 def test_elemt_and_backward(shape, layout, dtype, flags):
     has_w, has_b, has_res, relu = flags
-    x, dy, res, w, b, mean, invstd = _inputs(shape, layout, dtype)
+    x, dy, res, w, b, mean, invstd = make_inputs(shape, dtype, layout)
     w, b, res = (w if has_w else None), (b if has_b else None), (res if has_res else None)
     n = _count(shape)
 
@@ -132,7 +118,7 @@ def test_elemt_and_backward(shape, layout, dtype, flags):
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "w{}b{}r{}relu{}".format(*map(int, f)))
 def test_fused_training_step(shape, layout, dtype, flags):
     has_w, has_b, has_res, relu = flags
-    x, dy, res, w, b, _, _ = _inputs(shape, layout, dtype, seed=1)
+    x, dy, res, w, b, _, _ = make_inputs(shape, dtype, layout, seed=1)
     w, b, res = (w if has_w else None), (b if has_b else None), (res if has_res else None)
     C, n = shape[1], _count(shape)
     tol = torch.float32 if dtype != torch.float64 else dtype
@@ -167,8 +153,8 @@ def test_fused_training_step(shape, layout, dtype, flags):
 @pytest.mark.parametrize("shape,layout", CASES[:6])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_eval(shape, layout, dtype):
-    x, _, res, w, b, mean, _ = _inputs(shape, layout, dtype, seed=2)
-    var = torch.rand(shape[1], dtype=dtype) + 0.1
+    x, _, res, w, b, mean, invstd = make_inputs(shape, dtype, layout, seed=2)
+    var = (1 / invstd**2).to(dtype)  # the variance invstd stands for, eps aside
     y = ops.forward_eval(x, mean.to(dtype), var, w, b, res, True, 1e-3)
     assert y.stride() == x.stride()
     assert_close(y, _reference("forward_eval", x, mean.to(dtype), var, w, b, res, True, 1e-3),
@@ -273,7 +259,7 @@ def test_wrong_device_and_shape_are_clear_errors():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
-    x, dy, res, w, b, mean, invstd = _inputs((3, 4, 5, 6), layout, torch.float32)
+    x, dy, res, w, b, mean, invstd = make_inputs((3, 4, 5, 6), torch.float32, layout)
     n = _count((3, 4, 5, 6))
     samples = {
         "stats": (x,),
@@ -306,7 +292,7 @@ def _train_step(x, dy):
                                           ((16, 24, 33, 33), "channels_last"),
                                           ((70000, 7), "contiguous")])
 def test_two_threads_agree_with_one(shape, layout):
-    x, dy = _inputs(shape, layout, torch.float32, seed=5)[:2]
+    x, dy = make_inputs(shape, torch.float32, layout, seed=5)[:2]  # (x, dy, ...)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -322,7 +308,7 @@ def test_two_threads_agree_with_one(shape, layout):
 
 
 def test_python_threads_at_once():
-    x, dy = _inputs((8, 16, 40, 40), "channels_last", torch.float32, seed=6)[:2]
+    x, dy = make_inputs((8, 16, 40, 40), torch.float32, "channels_last", seed=6)[:2]
     expected = _train_step(x, dy)
     results, errors = [None] * 4, []
 
@@ -345,6 +331,7 @@ def test_python_threads_at_once():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_fork_after_use():
     script = textwrap.dedent("""
         import os, torch, batchnorm
@@ -367,10 +354,11 @@ def test_fork_after_use():
 
 
 def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(SRC), **extra)
-    return env
+    """This tree's sources (and its tests package, for tests.utils), whatever is installed."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(SRC.parent)]), **extra)
 
 
+@pytest.mark.slow
 def test_without_the_extension_warns_once_and_uses_the_composite():
     script = textwrap.dedent("""
         import sys, warnings
@@ -391,6 +379,7 @@ def test_without_the_extension_warns_once_and_uses_the_composite():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_environment_forces_the_composite():
     script = ("import torch, batchnorm; from batchnorm import kernels; "
               "assert kernels.backend_name(torch.empty(2, 3)) == 'composite'")
@@ -421,34 +410,36 @@ def test_composite_reference_is_not_the_cpu_kernels():
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_python_autograd_path_matches_torch():
     # Without the extension the single-process step runs through ops._BatchNormTrain (the
     # Python twin of kernels/cpu/autograd.cpp): train steps, eval, gradgradcheck against torch.
     script = textwrap.dedent("""
         import torch, batchnorm
         from batchnorm import kernels
+        from tests.utils import check_forward_backward, make_inputs, parameter_pairs
         assert not kernels.native_cpu()
-        torch.manual_seed(0)
         for shape, relu in (((6, 3, 4, 5), False), ((7, 4), True)):
             ours = batchnorm.BatchNormReLU2d(3) if relu and len(shape) == 4 else (
                 batchnorm.BatchNormReLU1d(shape[1]) if relu else batchnorm.BatchNorm2d(3))
             theirs = (torch.nn.BatchNorm1d(shape[1]) if len(shape) == 2 else
                       torch.nn.BatchNorm2d(3))
             ours.double(); theirs.double()
+            reference = (lambda x: torch.relu(theirs(x))) if relu else theirs
+            count = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
             for step in range(3):
-                x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-                y_ours = ours(x)
-                y_theirs = theirs(x)
-                if relu:
-                    y_theirs = torch.relu(y_theirs)
-                g = torch.randn_like(y_ours)
-                a = torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), g)
-                b = torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), g)
-                torch.testing.assert_close(y_ours, y_theirs)
-                for u, v in zip(a, b):
-                    torch.testing.assert_close(u, v)
+                inputs = make_inputs(shape, torch.float64, seed=step)
+                check_forward_backward(ours, reference, {"input": inputs.x}, torch.float64,
+                                       reduction_size=count, dy=inputs.dy,
+                                       params=parameter_pairs(ours, theirs),
+                                       what=f"{shape} step {step}")
             torch.testing.assert_close(ours.running_mean, theirs.running_mean)
             torch.testing.assert_close(ours.running_var, theirs.running_var)
+            ours.eval(); theirs.eval()
+            inputs = make_inputs(shape, torch.float64, seed=10)
+            check_forward_backward(ours, reference, {"input": inputs.x}, torch.float64,
+                                   reduction_size=count, params=parameter_pairs(ours, theirs),
+                                   what=f"{shape} eval")
         x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
         w = torch.rand(3, dtype=torch.float64, requires_grad=True)
         b = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -463,11 +454,12 @@ def test_python_autograd_path_matches_torch():
 @pytest.mark.parametrize("shape,layout", [((3, 3, 700, 701), "contiguous"),
                                           ((8, 8, 256, 256), "contiguous"),
                                           ((16, 32, 96, 96), "channels_last")])
+@pytest.mark.slow
 def test_large_float32_outputs_streamed(shape, layout):
     # Outputs of 16 MB and more are written with non-temporal stores from each run's first
     # aligned element on (S = 490700: unaligned runs; S = 65536: aligned ones; channels-last
     # rows of 32 channels, each starting aligned).
-    x, dy, res, w, b, _, _ = _inputs(shape, layout, torch.float32, seed=9)
+    x, dy, res, w, b, _, _ = make_inputs(shape, torch.float32, layout, seed=9)
     n = _count(shape)
     y, mean, m2, invstd, _ = ops.forward_train(x, w, b, res, True, 1e-5, None, None, None, 0.1)
     ref = _reference("forward_train", x, w, b, res, True, 1e-5, None, None, None, 0.1)
@@ -480,6 +472,7 @@ def test_large_float32_outputs_streamed(shape, layout):
                  what="elemt")
 
 
+@pytest.mark.slow
 def test_composite_normalizes_float32_extremes_without_false_alarms():
     script = textwrap.dedent("""
         import warnings, torch, batchnorm

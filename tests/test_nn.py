@@ -13,7 +13,7 @@ import torch
 
 import batchnorm
 from batchnorm.kernels.composite import stat_dtype
-from tests.utils import assert_close, channels_last_kept, to_layout
+from tests.utils import assert_close, check_forward_backward, make_inputs, parameter_pairs
 
 OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
         5: batchnorm.BatchNorm3d}
@@ -47,28 +47,7 @@ def make_pair(rank, affine, bias, track, momentum, dtype, num_features=3):
     return ours, theirs
 
 
-def batch(shape, dtype, layout, seed):
-    """An input with per-channel offsets and scales, rounded to dtype; and an upstream gradient."""
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    view = (1, C) + (1,) * (len(shape) - 2)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.arange(C) + 1.0).view(view)
-    x = (x + torch.linspace(-2, 3, C, dtype=torch.float64).view(view)).to(dtype)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    return to_layout(x, layout), to_layout(dy, layout)
-
-
-def run_step(module, x, dy):
-    x = x.detach().requires_grad_(True)
-    y = module(x)
-    y.backward(dy)
-    return y, x.grad
-
-
-def compare_state(ours, theirs, dtype, count, what):
-    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
-        assert a.grad.dtype == a.dtype, f"{what}: {name}.grad dtype"
-        assert_close(a.grad, b.grad, dtype, count, f"{what}: {name}.grad")
+def compare_buffers(ours, theirs, dtype, count, what):
     for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
         if a.is_floating_point():
             assert a.dtype == dtype, f"{what}: buffer {name} changed dtype to {a.dtype}"
@@ -77,33 +56,31 @@ def compare_state(ours, theirs, dtype, count, what):
             assert torch.equal(a, b), f"{what}: {name} {a} != {b}"
 
 
+def step_matches(ours, theirs, shape, dtype, layout, seed, what, input_dtype=None):
+    """One forward + backward of both modules (ours in `dtype`) on the same input rounded to
+    input_dtype (default `dtype`): output, input and parameter gradients, within the input
+    dtype's tolerance (check_forward_backward); then every buffer, within the module's."""
+    input_dtype = input_dtype or dtype
+    count = shape[0] * torch.Size(shape[2:]).numel()
+    inputs = make_inputs(shape, input_dtype, layout, seed)
+    y, _ = check_forward_backward(ours, theirs, {"input": inputs.x}, input_dtype,
+                                  reduction_size=count, dy=inputs.dy,
+                                  params=parameter_pairs(ours, theirs), what=what)
+    assert y.dtype == input_dtype, f"{what}: output dtype {y.dtype}"
+    compare_buffers(ours, theirs, dtype, count, what)
+
+
 @pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("affine,bias,track,momentum", FLAGS)
 def test_matches_torch_over_training_steps(rank, layout, dtype, affine, bias, track, momentum):
     torch.manual_seed(0)
     ours, theirs = make_pair(rank, affine, bias, track, momentum, dtype)
-    shape = SHAPES[rank]
-    count = shape[0] * (torch.Size(shape[2:]).numel())
     for step in range(3):
-        x, dy = batch(shape, dtype, layout, seed=step)
-        y, dx = run_step(ours, x, dy)
-        y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
-        what = f"train step {step}"
-        assert y.dtype == dtype and dx.dtype == dtype
-        assert_close(y, y_ref, dtype, 1, f"{what}: output")
-        assert_close(dx, dx_ref, dtype, count, f"{what}: grad_input")
-        if layout == "channels_last":
-            assert channels_last_kept(y) and channels_last_kept(dx), f"{what}: layout lost"
-        compare_state(ours, theirs, dtype, count, what)
+        step_matches(ours, theirs, SHAPES[rank], dtype, layout, step, f"train step {step}")
     ours.eval()
     theirs.eval()
-    x, dy = batch(shape, dtype, layout, seed=10)
-    y, dx = run_step(ours, x, dy)
-    y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
-    assert_close(y, y_ref, dtype, 1, "eval: output")
-    assert_close(dx, dx_ref, dtype, count, "eval: grad_input")
-    compare_state(ours, theirs, dtype, count, "eval")
+    step_matches(ours, theirs, SHAPES[rank], dtype, layout, 10, "eval")
 
 
 ODD_SHAPES = [(2, 1), (2, 1, 1, 1), (2, 5, 1, 1), (7, 1, 13), (2, 3, 11, 13), (5, 7, 3, 1, 2),
@@ -117,29 +94,16 @@ ODD_CASES = [(s, "contiguous") for s in ODD_SHAPES] + [
 @pytest.mark.parametrize("shape,layout", ODD_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_odd_shapes(shape, dtype, layout):
-    rank = len(shape)
-    ours, theirs = make_pair(rank, True, True, True, 0.1, dtype, num_features=shape[1])
-    count = shape[0] * torch.Size(shape[2:]).numel()
+    ours, theirs = make_pair(len(shape), True, True, True, 0.1, dtype, num_features=shape[1])
     for step in range(2):
-        x, dy = batch(shape, dtype, layout, seed=step)
-        y, dx = run_step(ours, x, dy)
-        y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
-        assert_close(y, y_ref, dtype, 1, f"{shape} output")
-        assert_close(dx, dx_ref, dtype, count, f"{shape} grad_input")
-        compare_state(ours, theirs, dtype, count, f"{shape} step {step}")
+        step_matches(ours, theirs, shape, dtype, layout, step, f"{shape} step {step}")
 
 
 def test_mixed_precision_input_with_float32_module():
     """fp16 activations through a float32 module (parameters and buffers stay float32)."""
     ours, theirs = make_pair(4, True, True, True, 0.1, torch.float32)
-    x, dy = batch((4, 3, 6, 6), torch.float16, "contiguous", seed=3)
-    y, dx = run_step(ours, x, dy)
-    y_ref, dx_ref = run_step(theirs, x.double(), dy.double())
-    assert y.dtype == torch.float16 and ours.running_mean.dtype == torch.float32
-    assert ours.weight.grad.dtype == torch.float32
-    assert_close(y, y_ref, torch.float16, 1, "output")
-    assert_close(dx, dx_ref, torch.float16, 144, "grad_input")
-    assert_close(ours.running_var, theirs.running_var, torch.float32, 144, "running_var")
+    step_matches(ours, theirs, (4, 3, 6, 6), torch.float32, "contiguous", 3, "fp16 input",
+                 input_dtype=torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +206,7 @@ def test_empty_batch_like_torch():
                 m.running_mean.fill_(2.0)
         x = torch.randn(0, 3, 4, 4, requires_grad=True)
         y, y_ref = ours(x), theirs(x)
-        assert y.shape == y_ref.shape
+        torch.testing.assert_close(y, y_ref)  # shape, dtype and device: there are no values
         y.sum().backward()
         assert torch.equal(ours.weight.grad, torch.zeros(3))
         assert x.grad.shape == x.shape
@@ -288,24 +252,34 @@ def test_fused_modules_match_unfused():
     torch.manual_seed(0)
     plain, fused = batchnorm.BatchNorm2d(4), batchnorm.BatchNormReLU2d(4)
     add_fused = batchnorm.BatchNormAddReLU2d(4)
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     for m in (plain, fused, add_fused):
         m.double()
-    y1 = torch.relu(plain(x))
-    y2 = fused(x)
-    torch.testing.assert_close(y1, y2)
-    g1 = torch.autograd.grad(y1.square().sum(), (x, plain.weight))
-    g2 = torch.autograd.grad(y2.square().sum(), (x, fused.weight))
-    torch.testing.assert_close(g1, g2)
-    y3 = torch.relu(plain(x) + r)
-    y4 = add_fused(x, r)
-    torch.testing.assert_close(y3, y4)
-    g3 = torch.autograd.grad(y3.square().sum(), (x, r, plain.bias))
-    g4 = torch.autograd.grad(y4.square().sum(), (x, r, add_fused.bias))
-    torch.testing.assert_close(g3, g4)
+    inputs = make_inputs((3, 4, 5, 5), torch.float64)
+    count = 3 * 5 * 5
+    check_forward_backward(fused, lambda x: torch.relu(plain(x)), {"input": inputs.x},
+                           torch.float64, reduction_size=count,
+                           params=parameter_pairs(fused, plain), what="BN + ReLU")
+    check_forward_backward(add_fused, lambda x, r: torch.relu(plain(x) + r),
+                           {"input": inputs.x, "residual": inputs.residual}, torch.float64,
+                           reduction_size=count, params=parameter_pairs(add_fused, plain),
+                           what="BN + add + ReLU")
     torch.testing.assert_close(fused.running_var, add_fused.running_var)  # one step each
     assert stat_dtype(torch.float16) == torch.float32
+
+
+@pytest.mark.xfail(strict=True, reason="the fused ReLU's residual gradient comes back "
+                   "contiguous (autograd.cpp's masked_fill clones to a contiguous tensor); "
+                   "torch.relu(bn(x) + r) keeps r's channels-last layout")
+@pytest.mark.parametrize("rank", [4, 5])
+def test_residual_gradient_keeps_channels_last(rank):
+    ours = (batchnorm.BatchNormAddReLU2d if rank == 4 else batchnorm.BatchNormAddReLU3d)(3)
+    theirs = THEIRS[rank](3).double()
+    shape = SHAPES[rank]
+    inputs = make_inputs(shape, torch.float32, "channels_last")
+    check_forward_backward(ours, lambda x, r: torch.relu(theirs(x) + r),
+                           {"input": inputs.x, "residual": inputs.residual}, torch.float32,
+                           reduction_size=shape[0] * torch.Size(shape[2:]).numel(),
+                           params=parameter_pairs(ours, theirs))
 
 
 def test_torch_fx_keeps_our_layers_as_leaves():

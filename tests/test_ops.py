@@ -6,24 +6,7 @@ import torch
 import batchnorm
 from batchnorm import ops
 from batchnorm.functional import batch_norm
-
-
-def _inputs(shape, dtype, layout="contiguous", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    C = shape[1]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    mean = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
-    invstd = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(acc)
-    weight = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
-    bias = torch.randn(C, generator=g, dtype=torch.float64).to(dtype)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    if layout == "channels_last":
-        dy = dy.contiguous(memory_format=torch.channels_last)
-    return x, mean, invstd, weight, bias, dy
-
+from tests.utils import make_inputs
 
 CASES = [((4, 3, 5, 6), torch.float32, "contiguous"),
          ((4, 3, 5, 6), torch.float64, "channels_last"),
@@ -32,7 +15,7 @@ CASES = [((4, 3, 5, 6), torch.float32, "contiguous"),
 
 @pytest.mark.parametrize("shape,dtype,layout", CASES, ids=str)
 def test_opcheck(shape, dtype, layout):
-    x, mean, invstd, weight, bias, dy = _inputs(shape, dtype, layout)
+    x, dy, _, weight, bias, mean, invstd = make_inputs(shape, dtype, layout)
     differentiable = dtype == torch.float64
     if differentiable:
         for t in (x, mean, invstd, weight, bias, dy):
@@ -54,7 +37,7 @@ def test_opcheck(shape, dtype, layout):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_each_op_gradcheck(relu):
-    x, mean, invstd, weight, bias, dy = _inputs((3, 2, 4), torch.float64, seed=1)
+    x, dy, _, weight, bias, mean, invstd = make_inputs((3, 2, 4), torch.float64, seed=1)
     out = ops.elemt(x, mean, invstd, weight, bias, None, True) if relu else None
     m_dy, m_dyx = torch.randn_like(mean), torch.randn_like(mean)
     leaves = [t.requires_grad_() for t in (x, mean, invstd, weight, bias, dy, m_dy, m_dyx)]
@@ -115,6 +98,7 @@ def test_torch_compile_fullgraph_eval_and_functional():
     torch.testing.assert_close(fn(x), batch_norm(x, None, None, training=True))
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor():
     torch._dynamo.reset()
     m = batchnorm.BatchNorm1d(4)

@@ -26,6 +26,7 @@ def _model(channels_last=False):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.slow
 def test_export_holds_aten_ops_only_and_loads_without_batchnorm(tmp_path, channels_last):
     reference, x = _model(channels_last)
     ours = batchnorm.convert(_model(channels_last)[0])

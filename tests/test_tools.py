@@ -30,7 +30,7 @@ def _cast(x, dtype):
     return tuple(t.to(dtype) for t in x) if isinstance(x, tuple) else x.to(dtype)
 
 
-def _inputs(x):
+def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
@@ -41,8 +41,9 @@ def _zoo(name, dtype=torch.float64, seed=0):
 
 
 def _fresh_batch(x, seed):
+    # a zoo model's input(s), shaped as its example, not a batch-norm case: not make_inputs
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) * 2 + 0.5 for t in _inputs(x))
+    return tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) * 2 + 0.5 for t in _as_tuple(x))
 
 
 def _assert_close(a, b, dtype, what):
