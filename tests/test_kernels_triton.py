@@ -288,10 +288,8 @@ def test_training_forward_backward_through_ops(monkeypatch):
               "residual": inputs.residual}
     with kernels.serving(DEVICE.type, serving, "triton"):
         assert kernels.backend_name(inputs.x) == "triton"
-        # residual: test_nn.py::test_residual_gradient_keeps_channels_last (xfail)
         check_forward_backward(ours, theirs, leaves, torch.float32,
-                               reduction_size=_count(inputs.x), dy=inputs.dy,
-                               layout_lost=("residual",))
+                               reduction_size=_count(inputs.x), dy=inputs.dy)
     assert calls == ["stats", "elemt", "backward_reduce", "backward_elemt"]
     assert_close(running_mean, rm64, torch.float32, what="running_mean")
     assert_close(running_var, rv64, torch.float32, what="running_var")

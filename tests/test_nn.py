@@ -267,9 +267,6 @@ def test_fused_modules_match_unfused():
     assert stat_dtype(torch.float16) == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="the fused ReLU's residual gradient comes back "
-                   "contiguous (autograd.cpp's masked_fill clones to a contiguous tensor); "
-                   "torch.relu(bn(x) + r) keeps r's channels-last layout")
 @pytest.mark.parametrize("rank", [4, 5])
 def test_residual_gradient_keeps_channels_last(rank):
     ours = (batchnorm.BatchNormAddReLU2d if rank == 4 else batchnorm.BatchNormAddReLU3d)(3)

@@ -116,14 +116,13 @@ def _keeps_layout(result, like, what):
 
 
 def check_forward_backward(ours, theirs, inputs, dtype, *, reduction_size=1, dy=None,
-                           params=(), what="", layout_lost=()) -> tuple[torch.Tensor, torch.Tensor]:
+                           params=(), what="") -> tuple[torch.Tensor, torch.Tensor]:
     """tinygrad's helper_test_op for this library: `ours` on leaf views of `inputs` (a dict of
     named tensors, passed positionally in order, layouts kept) and `theirs` on float64 copies;
     compares the outputs, then the gradient, for the upstream gradient dy (default: seeded
     standard normal values in the output's dtype, the same for both), of every input and of each
     (name, ours' parameter, theirs' parameter) in `params`. Gradients must have their tensor's
-    dtype; channels-last inputs must give channels-last outputs and gradients (except the inputs
-    named in layout_lost: a known defect, each with its xfail test). Outputs use
+    dtype; channels-last inputs must give channels-last outputs and gradients. Outputs use
     `dtype`'s tolerance, gradients that tolerance grown for `reduction_size` summed terms (the
     values per channel). Messages say `what` case, which tensor and how it differed. Returns
     (output, reference output)."""
@@ -154,6 +153,5 @@ def check_forward_backward(ours, theirs, inputs, dtype, *, reduction_size=1, dy=
         grad_ref = torch.zeros_like(t, dtype=torch.float64) if grad_ref is None else grad_ref
         assert grad.dtype == t.dtype, f"{where}grad of {name} is {grad.dtype}, not {t.dtype}"
         assert_close(grad, grad_ref, dtype, reduction_size, f"{where}grad of {name}")
-        if name not in layout_lost:
-            _keeps_layout(grad, t, f"{where}grad of {name}")
+        _keeps_layout(grad, t, f"{where}grad of {name}")
     return y, y_ref

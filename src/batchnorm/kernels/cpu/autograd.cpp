@@ -122,8 +122,10 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
       result[2] = sum_dy.to(bias_dtype);
     }
     if (has_residual && ctx->needs_input_grad(residual_edge)) {
+      // where(output > 0, dy, 0): 0 at a NaN output; TensorIterator lays the result out like
+      // the output (channels-last stays channels-last, as torch's relu backward keeps it).
       result[3] = relu_output.has_value()
-          ? grad_out.masked_fill(relu_output->gt(0).logical_not(), 0)  // NaN output: 0, as where
+          ? at::where(relu_output->gt(0), grad_out, at::zeros({}, grad_out.options()))
           : grad_out;
     }
     return result;
