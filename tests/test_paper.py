@@ -279,6 +279,7 @@ SINGLE_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "numpy"])
 def test_seeds_side_by_side_equal_each_alone(embedded, engine):
     """S seeds trained at once give each seed's numbers trained alone (and today's single runs):
