@@ -112,7 +112,9 @@ class TorchEngine:
         self.z_first = torch.empty(S, N, 2 * C)
         self.dz_first = torch.empty(S, N, 2 * C)
         self.logits = torch.empty(2, S, N, outputs)                     # [plain, bn]
+        self.logits_of = {net: self.logits[k] for k, net in enumerate(NETS)}  # (S, 60, 10)
         self.softmax = torch.empty_like(self.logits)                    # becomes dL/dlogits
+        self.d_logits_of = {net: self.softmax[k] for k, net in enumerate(NETS)}
         self.row_max, self.row_sum = torch.empty(2, S, N, 1), torch.empty(2, S, N, 1)
         hidden = layers - 1
         # plain: activations per seed, (S, 60, 100)
@@ -177,7 +179,8 @@ class TorchEngine:
         for i in range(1, hidden):
             torch.baddbmm(self.b_plain[i], a_plain[i - 1], w["plain"][i - 1], out=a_plain[i])
             a_plain[i].sigmoid_()
-        torch.baddbmm(self.b_out["plain"], a_plain[-1], w["plain"][-1], out=self.logits[0])
+        torch.baddbmm(self.b_out["plain"], a_plain[-1], w["plain"][-1],
+                      out=self.logits_of["plain"])
 
         # forward, BN: z = h W; u = BN(z) on (60, S * 100); a = sigmoid(u)
         bn_tape = []
@@ -191,7 +194,7 @@ class TorchEngine:
                 tracked, momentum)
             torch.sigmoid(u, out=self.a_side[i])
             bn_tape.append((mean, invstd))
-        torch.baddbmm(self.b_out["bn"], self.a_bn[-1], w["bn"][-1], out=self.logits[1])
+        torch.baddbmm(self.b_out["bn"], self.a_bn[-1], w["bn"][-1], out=self.logits_of["bn"])
 
         # softmax cross-entropy, mean over each seed's batch: dL/dlogits = (softmax - onehot) / N
         # (softmax written out: torch.softmax over a last axis of 10 costs 4x more here)
@@ -199,12 +202,12 @@ class TorchEngine:
         torch.amax(self.logits, 3, keepdim=True, out=self.row_max)
         torch.sub(self.logits, self.row_max, out=e).exp_()                # cannot overflow
         torch.sum(e, 3, keepdim=True, out=self.row_sum)
-        e.div_(self.row_sum).sub_(self.onehot_seeds).div_(N)
+        e.div_(self.row_sum).sub_(self.onehot_seeds).div_(float(N))   # float: no int -> float cast
 
         # backward, in mirrored order
         norm_grads = [None] * len(self.norm_parameters)
         for k, net in enumerate(NETS):
-            d, dh = e[k], self.dh[net]
+            d, dh = self.d_logits_of[net], self.dh[net]
             acts, acts_t = (a_plain, self.a_plain_t) if k == 0 else (self.a_bn, self.a_bn_t)
             torch.sum(d, 1, keepdim=True, out=self.gb_out[net])
             torch.bmm(d, w_t[net][-1], out=dh)                             # (S, 60, 100)
