@@ -7,6 +7,7 @@ computation is one call to batchnorm.functional.
 """
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -160,16 +161,18 @@ class _AddReLU:
     """forward(input, residual), the residual required: relu(batch_norm(input) + residual)."""
 
     relu = True
+    _normalize: Callable[[Tensor, Tensor | None], Tensor]  # _BatchNorm's, which it is mixed into
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
         return self._normalize(input, residual)
 
 
-class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
+# The ignores below (mypy's [misc]): forward requires the residual _BatchNorm.forward makes optional
+class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):  # type: ignore[misc]
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
 
-class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
+class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):  # type: ignore[misc]
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
 
 
@@ -191,8 +194,9 @@ class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
-def fuses_relu(module: torch.nn.Module) -> bool:
-    """Whether module is a batch norm with a fused ReLU (our `relu` flag, FrozenBatchNorm's too).
+def fuses_relu(module: object) -> bool:
+    """Whether module (or a module class) is a batch norm with a fused ReLU (our `relu` flag,
+    FrozenBatchNorm's too).
 
     torch.nn's layers have no such flag, and a model may hold a child module named relu: only a
     bool counts."""
@@ -226,7 +230,10 @@ def replace_modules(model: torch.nn.Module,
     return visit(model, "")
 
 
-def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+def swap_class(module: torch.nn.Module, cls: type[_Module]) -> _Module:
     """A module of class cls with module's state: the very same Parameter and buffer objects
     (optimizers, parameter hooks and tied weights keep pointing at the live tensors), its
     forward, pre-forward, backward and state_dict hooks, and its instance attributes."""
@@ -248,8 +255,8 @@ def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return fresh
 
 
-def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
-                  skipped: list[str]) -> torch.nn.Module:
+def _swap_classes(model: torch.nn.Module, mapping: dict[type, type[torch.nn.Module]], *,
+                  refuse: dict[type, str], skipped: list[str]) -> torch.nn.Module:
     """replace_modules with swap_class for each module whose exact type is in mapping; a type in
     refuse raises its TypeError; other torch.nn batch-norm subclasses are named in skipped."""
 
@@ -265,7 +272,7 @@ def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: 
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
                 return _fresh_lazy(module, target)
             swapped = swap_class(module, target)
-            if issubclass(target, _BatchNorm):
+            if isinstance(swapped, _BatchNorm):  # swapped's class is target
                 swapped._batchnorm_name = name
             return swapped
         if isinstance(module, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (
@@ -299,7 +306,7 @@ class _ScriptableAddReLU(torch.nn.Module):
 
 
 # Our class -> (torch.nn class holding the state, TorchScript-able wrapper or None)
-_TO_TORCH_TWIN: dict[type, tuple[type, type | None]] = {
+_TO_TORCH_TWIN: dict[type, tuple[type[torch.nn.Module], type[torch.nn.Module] | None]] = {
     BatchNorm1d: (torch.nn.BatchNorm1d, None),
     BatchNorm2d: (torch.nn.BatchNorm2d, None),
     BatchNorm3d: (torch.nn.BatchNorm3d, None),
@@ -311,7 +318,7 @@ _TO_TORCH_TWIN: dict[type, tuple[type, type | None]] = {
 }
 
 
-def _torch_to_ours() -> dict[type, type]:
+def _torch_to_ours() -> dict[type, type[torch.nn.Module]]:
     from batchnorm.distributed import SyncBatchNorm  # distributed builds on this file
 
     return {
@@ -356,12 +363,15 @@ def to_torch(model: torch.nn.Module) -> torch.nn.Module:
     have no torch.nn class: a TypeError names them. Returns the model."""
     from batchnorm.distributed import SyncBatchNorm
 
-    mapping = {ours: theirs for theirs, ours in _torch_to_ours().items()
-               if not issubclass(ours, LazyModuleMixin)}
+    mapping: dict[type, type[torch.nn.Module]] = {
+        ours: theirs for theirs, ours in _torch_to_ours().items()
+        if not issubclass(ours, LazyModuleMixin)}
     mapping[SyncBatchNorm] = torch.nn.SyncBatchNorm
-    refuse = {cls: "fuses a ReLU and has no torch.nn equivalent; use its BatchNorm class"
-              for cls in (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, BatchNormAddReLU2d,
-                          BatchNormAddReLU3d)}
-    lazy = {LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
-            LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
+    refuse: dict[type, str] = {
+        cls: "fuses a ReLU and has no torch.nn equivalent; use its BatchNorm class"
+        for cls in (BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, BatchNormAddReLU2d,
+                    BatchNormAddReLU3d)}
+    lazy: dict[type, type[torch.nn.Module]] = {
+        LazyBatchNorm1d: torch.nn.LazyBatchNorm1d, LazyBatchNorm2d: torch.nn.LazyBatchNorm2d,
+        LazyBatchNorm3d: torch.nn.LazyBatchNorm3d}
     return _swap_classes(model, {**mapping, **lazy}, refuse=refuse, skipped=[])

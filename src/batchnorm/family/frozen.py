@@ -20,6 +20,11 @@ class FrozenBatchNorm(torch.nn.Module):
     """
 
     _ranks: tuple[int, ...] | None = None  # None: any rank >= 2
+    # the buffers __init__ registers, typed (as torch.nn's _NormBase types its own)
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, relu: bool = False, device=None,
                  dtype=None) -> None:

@@ -157,6 +157,7 @@ class _BatchRenorm(nn._BatchNorm):
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) in force for the next training batch."""
+        assert self.num_batches_tracked is not None, "track_running_stats=True registers it"
         return renorm_limits(self.num_batches_tracked, self.r_max, self.d_max,
                              self.warmup_steps, self.r_max_steps, self.d_max_steps)
 
@@ -169,7 +170,9 @@ class _BatchRenorm(nn._BatchNorm):
         # track_running_stats turned off after construction freezes the buffers (as in torch):
         # r and d still compare with them, but they are not updated (factor 0, no step counted)
         tracking = self.track_running_stats
-        return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None, "the constructor needs them"
+        return batch_renorm(input, running_mean, running_var, self.weight, self.bias,
                             True, self.momentum if tracking else 0.0, self.eps, r_max, d_max,
                             num_batches_tracked=self.num_batches_tracked if tracking else None)
 
