@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from batchnorm import functional as F
+from batchnorm import functional
 from batchnorm.ops import StatsSync
 
 __all__ = [
@@ -95,11 +95,11 @@ class _BatchNorm(torch_bn._BatchNorm):
         """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
-        return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                             self._use_batch_stats(), self.momentum, self.eps,
-                             residual=residual, relu=self.relu,
-                             num_batches_tracked=num_batches_tracked, sync=self._sync(),
-                             layer=self)
+        return functional._batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                      self._use_batch_stats(), self.momentum, self.eps,
+                                      residual=residual, relu=self.relu,
+                                      num_batches_tracked=num_batches_tracked,
+                                      sync=self._sync(), layer=self)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
