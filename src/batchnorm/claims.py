@@ -179,6 +179,9 @@ def check_shift_scale_invariance(seed: int = 0) -> ClaimResult:
 
 def _layer_pair(kind: str, g: torch.Generator):
     """(layer with bias, same layer without bias, fresh BN, input) sharing all weights."""
+    with_bias: nn.Conv2d | nn.Linear
+    without: nn.Conv2d | nn.Linear
+    bn: batchnorm.BatchNorm1d | batchnorm.BatchNorm2d
     if kind == "conv2d":
         with_bias, without = nn.Conv2d(3, 4, 3, bias=True), nn.Conv2d(3, 4, 3, bias=False)
         bn, x = batchnorm.BatchNorm2d(4), _randn(g, 4, 3, 6, 6)
@@ -186,6 +189,7 @@ def _layer_pair(kind: str, g: torch.Generator):
         with_bias, without = nn.Linear(5, 4, bias=True), nn.Linear(5, 4, bias=False)
         bn, x = batchnorm.BatchNorm1d(4), _randn(g, 8, 5)
     with_bias, without, bn = with_bias.to(DTYPE), without.to(DTYPE), bn.to(DTYPE)
+    assert with_bias.bias is not None
     with torch.no_grad():
         with_bias.weight.copy_(_randn(g, *with_bias.weight.shape))
         with_bias.bias.copy_(_randn(g, *with_bias.bias.shape) * 2.0)
@@ -291,14 +295,16 @@ def check_biased_and_unbiased_variance(seed: int = 0) -> ClaimResult:
     x_hat_unbiased = (x - _view(mean, x)) / _view(torch.sqrt(var_default + EPS), x)
     _, ref_var, _ = reference.update_running_stats(
         np.zeros(3), np.ones(3), mean.numpy(), var_biased.numpy(), m, momentum=1.0)
+    running_var = module.running_var
+    assert running_var is not None  # track_running_stats=True
     figures = {
         "m": m,
         "torch_var_ratio_minus_m_over_m_minus_1": _max_abs(var_default / var_biased, m / (m - 1)),
         "output_vs_biased_normalization": _max_abs(y, x_hat_biased),
         "output_vs_unbiased_normalization": _max_abs(y, x_hat_unbiased),
-        "running_var_vs_unbiased": _max_abs(module.running_var, var_default),
-        "running_var_vs_biased": _max_abs(module.running_var, var_biased),
-        "running_var_vs_reference": _max_abs(module.running_var, torch.from_numpy(ref_var)),
+        "running_var_vs_unbiased": _max_abs(running_var, var_default),
+        "running_var_vs_biased": _max_abs(running_var, var_biased),
+        "running_var_vs_reference": _max_abs(running_var, torch.from_numpy(ref_var)),
     }
     holds = (figures["torch_var_ratio_minus_m_over_m_minus_1"] <= TOL
              and figures["output_vs_biased_normalization"] <= TOL

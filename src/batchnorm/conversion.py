@@ -63,8 +63,8 @@ def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return fresh
 
 
-def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: dict[type, str],
-                  skipped: list[str]) -> torch.nn.Module:
+def _swap_classes(model: torch.nn.Module, mapping: dict[type, type[torch.nn.Module]], *,
+                  refuse: dict[type, str], skipped: list[str]) -> torch.nn.Module:
     """nn.replace_modules with nn.swap_class for each module whose exact type is in mapping; a
     type in refuse raises its TypeError; other torch.nn batch-norm subclasses are named in
     skipped."""
@@ -81,7 +81,7 @@ def _swap_classes(model: torch.nn.Module, mapping: dict[type, type], *, refuse: 
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
                 return _fresh_lazy(module, target)
             swapped = nn.swap_class(module, target)
-            if issubclass(target, nn._BatchNorm):
+            if isinstance(swapped, nn._BatchNorm):  # swapped's class is target
                 swapped._batchnorm_name = name
             return swapped
         if isinstance(module, torch_bn._BatchNorm) and kind.__module__.split(".")[0] not in (

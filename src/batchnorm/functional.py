@@ -17,6 +17,7 @@ later eval-mode output would be NaN (pytorch#115500).
 import os
 import sys
 import warnings
+from types import FrameType
 
 import torch
 from torch import Tensor
@@ -115,7 +116,8 @@ _LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__
 
 def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside torch and this package: the user's line."""
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
         frame, level = frame.f_back, level + 1
     return level - 1

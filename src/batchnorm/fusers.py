@@ -23,8 +23,9 @@ import torch
 from batchnorm import nn as ours
 
 # Our layer -> the torch.nn layer it can stand in for in torch's fusers (same computation).
-_PLAIN = {ours.BatchNorm1d: torch.nn.BatchNorm1d, ours.BatchNorm2d: torch.nn.BatchNorm2d,
-          ours.BatchNorm3d: torch.nn.BatchNorm3d}
+_PLAIN: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    ours.BatchNorm1d: torch.nn.BatchNorm1d, ours.BatchNorm2d: torch.nn.BatchNorm2d,
+    ours.BatchNorm3d: torch.nn.BatchNorm3d}
 # Our fused layer -> the torch.nn layer it computes before its ReLU.
 _WITH_RELU = {ours.BatchNormReLU1d: torch.nn.BatchNorm1d,
               ours.BatchNormReLU2d: torch.nn.BatchNorm2d,
@@ -102,8 +103,9 @@ def _register_fx_fuse() -> bool:
         return (_PLAIN.get(type(bn)) is pattern[1]
                 and torch_matches(pattern[:1], node, modules))
 
-    matches_module_pattern._batchnorm = True
-    matches_module_pattern.__wrapped__ = torch_matches
+    # marks on the function object, which mypy does not model
+    matches_module_pattern._batchnorm = True  # type: ignore[attr-defined]
+    matches_module_pattern.__wrapped__ = torch_matches  # type: ignore[attr-defined]
     optimization.matches_module_pattern = matches_module_pattern
     return True
 

@@ -7,13 +7,14 @@ computation is one call to batchnorm.functional.
 """
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from batchnorm import functional as F
+from batchnorm import functional
 from batchnorm.ops import StatsSync
 
 __all__ = [
@@ -47,6 +48,11 @@ class _ScriptableAddReLU(torch.nn.Module):
         return torch.relu(self.bn(input) + residual)
 
 
+# (torch.nn class, TorchScript wrapper module or None) that torch.jit.script compiles in a layer's
+# place, or None where it cannot.
+_ScriptAs = tuple[type, type | None] | None
+
+
 class _BatchNorm(torch_bn._BatchNorm):
     """Shared forward; subclasses say which input ranks they take."""
 
@@ -61,7 +67,7 @@ class _BatchNorm(torch_bn._BatchNorm):
     _batchnorm_name: str = ""  # the layer's name in the model, set by convert()
     # What torch.jit.script compiles in this class's place: (torch.nn class, wrapper or None),
     # set on each class below; a class without its own (a subclass) cannot be scripted.
-    _script_as: tuple[type, type | None] | None = None
+    _script_as: _ScriptAs = None
 
     def __new__(cls, *args, **kwargs):
         module = super().__new__(cls)
@@ -119,11 +125,11 @@ class _BatchNorm(torch_bn._BatchNorm):
         """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
-        return F._batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                             self._use_batch_stats(), self.momentum, self.eps,
-                             residual=residual, relu=self.relu,
-                             num_batches_tracked=num_batches_tracked, sync=self._sync(),
-                             layer=self)
+        return functional._batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                      self._use_batch_stats(), self.momentum, self.eps,
+                                      residual=residual, relu=self.relu,
+                                      num_batches_tracked=num_batches_tracked,
+                                      sync=self._sync(), layer=self)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
@@ -149,21 +155,21 @@ class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     """Batch norm over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
 
     _ranks, _layouts = (2, 3), "(N, C) or (N, C, L)"
-    _script_as = (torch.nn.BatchNorm1d, None)
+    _script_as: _ScriptAs = (torch.nn.BatchNorm1d, None)
 
 
 class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     """Batch norm over (N, C, H, W) input, contiguous or channels_last, as torch.nn.BatchNorm2d."""
 
     _ranks, _layouts = (4,), "(N, C, H, W)"
-    _script_as = (torch.nn.BatchNorm2d, None)
+    _script_as: _ScriptAs = (torch.nn.BatchNorm2d, None)
 
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """Batch norm over (N, C, D, H, W) input, as torch.nn.BatchNorm3d."""
 
     _ranks, _layouts = (5,), "(N, C, D, H, W)"
-    _script_as = (torch.nn.BatchNorm3d, None)
+    _script_as: _ScriptAs = (torch.nn.BatchNorm3d, None)
 
 
 class BatchNormReLU1d(BatchNorm1d):
@@ -191,18 +197,20 @@ class _AddReLU:
     """forward(input, residual), the residual required: relu(batch_norm(input) + residual)."""
 
     relu = True
+    _normalize: Callable[[Tensor, Tensor | None], Tensor]  # _BatchNorm's, which it is mixed into
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
         return self._normalize(input, residual)
 
 
-class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
+# The ignores below (mypy's [misc]): forward requires the residual _BatchNorm.forward makes optional
+class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):  # type: ignore[misc]
     """relu(batch_norm(x) + residual) fused: the end of a ResNet block. Call as m(x, residual)."""
 
     _script_as = (torch.nn.BatchNorm2d, _ScriptableAddReLU)
 
 
-class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
+class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):  # type: ignore[misc]
     """relu(batch_norm(x) + residual) fused, for (N, C, D, H, W). Call as m(x, residual)."""
 
     _script_as = (torch.nn.BatchNorm3d, _ScriptableAddReLU)
@@ -226,8 +234,9 @@ class LazyBatchNorm3d(torch_bn._LazyNormBase, BatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
-def fuses_relu(module: torch.nn.Module) -> bool:
-    """Whether module is a batch norm with a fused ReLU (our `relu` flag, FrozenBatchNorm's too).
+def fuses_relu(module: object) -> bool:
+    """Whether module (or a module class) is a batch norm with a fused ReLU (our `relu` flag,
+    FrozenBatchNorm's too).
 
     torch.nn's layers have no such flag, and a model may hold a child module named relu: only a
     bool counts."""
@@ -261,7 +270,10 @@ def replace_modules(model: torch.nn.Module,
     return visit(model, "")
 
 
-def swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+def swap_class(module: torch.nn.Module, cls: type[_Module]) -> _Module:
     """A module of class cls with module's state: the very same Parameter and buffer objects
     (optimizers, parameter hooks and tied weights keep pointing at the live tensors), its
     forward, pre-forward, backward and state_dict hooks, and its instance attributes."""

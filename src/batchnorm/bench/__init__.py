@@ -34,6 +34,7 @@ import contextlib
 import importlib
 import os
 import sys
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,7 +45,7 @@ CPU_SHAPES = [(16, *chw) for chw in ((64, 112, 112), (64, 56, 56), (256, 56, 56)
                                      (512, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 7, 7),
                                      (2048, 7, 7))] + [(60, 100), (256, 1024), (16, 256, 2000)]
 # Each device's defaults; --batch sets N of the ResNet-50 shapes on cuda.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {  # per device: settings of several types
     "cpu": {"shapes": CPU_SHAPES, "quick_shapes": [(16, 64, 56, 56), (16, 256, 14, 14),
                                                    (256, 1024)],
             "dtypes": "float32", "modes": MODES, "providers": "ours,torch,compile",
@@ -103,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "batch 16), converted vs torch.nn, with BN's share of the step")
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     raise SystemExit(f"batchnorm bench: {message}")
 
 

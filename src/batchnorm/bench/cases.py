@@ -124,13 +124,13 @@ def autograd_case(bn, fused: bool, mode: Mode, inputs: Inputs) -> Callable[[], t
     residual= and relu= (else the add and the ReLU follow in torch): under no_grad for a forward
     mode, else the forward and torch.autograd.grad. Running statistics of its own, updated in
     place as a training loop would."""
-    x, weight, bias, grad, residual = inputs
+    x, weight, bias, grad = inputs[:4]
     C = x.shape[1]
     running_mean = torch.zeros(C, dtype=weight.dtype, device=x.device)
     running_var = torch.ones(C, dtype=weight.dtype, device=x.device)
     training, relu = mode.training, mode.relu
-    residual = residual if mode.residual else None
-    leaves = (x, weight, bias) + ((residual,) if mode.residual else ())
+    residual = inputs.residual if mode.residual else None
+    leaves = (x, weight, bias) + ((inputs.residual,) if mode.residual else ())
 
     def forward():
         if fused:

@@ -3,6 +3,7 @@ torch.nn, and the share of the step that torch.nn's batch norm takes (the step w
 by an identity). `--compile`: both models under torch.compile (Inductor). CPU only."""
 
 import copy
+import functools
 import statistics
 
 import torch
@@ -134,11 +135,11 @@ def _model_row(name, factory, shape, layout, compile, rounds, repeat) -> dict:
     ok = abs(losses["ours"] - losses["torch"]) <= 1e-4 * max(1.0, abs(losses["torch"]))
     grads_ok = all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(
         models["ours"].parameters(), models["torch"].parameters(), strict=True))
-    round_ms = {k: [] for k in models}
+    round_ms: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, m in models.items():
             round_ms[k].append(statistics.median(timing.round_ms(
-                lambda m=m, o=optimizers[k]: _train_step(m, x, target, o), "cpu", repeat)))
+                functools.partial(_train_step, m, x, target, optimizers[k]), "cpu", repeat)))
     ms = {k: statistics.median(v) for k, v in round_ms.items()}
     spread = max((max(v) - min(v)) / statistics.median(v)
                  for k, v in round_ms.items() if k != "no-bn")

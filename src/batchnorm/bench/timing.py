@@ -5,7 +5,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -25,12 +25,12 @@ def round_ms(fn: Callable[[], object], device_type: str, repeat: int) -> list[fl
     return times
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], device_type: str, repeat: int,
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], device_type: str, repeat: int,
                    rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """Every callable timed round by round, interleaved; the median of all timings, and the
     spread: (slowest - fastest round median) / median of the round medians."""
-    times = {name: [] for name in fns}
-    round_medians = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    round_medians: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             this_round = round_ms(fn, device_type, repeat)

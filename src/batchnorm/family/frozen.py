@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import batchnorm as torch_bn
 
-from batchnorm import functional as F
+from batchnorm import functional
 from batchnorm.nn import fuses_relu, replace_modules
 
 
@@ -20,6 +20,11 @@ class FrozenBatchNorm(torch.nn.Module):
     """
 
     _ranks: tuple[int, ...] | None = None  # None: any rank >= 2
+    # the buffers __init__ registers, typed (as torch.nn's _NormBase types its own)
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, relu: bool = False, device=None,
                  dtype=None) -> None:
@@ -45,8 +50,9 @@ class FrozenBatchNorm(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects {expected} "
                              f"input with {self.num_features} channels in dim 1, got input of "
                              f"shape {tuple(input.shape)}")
-        return F._batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps, residual=residual, relu=self.relu)
+        return functional._batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                      self.bias, False, 0.0, self.eps, residual=residual,
+                                      relu=self.relu)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}" + (", relu=True" if self.relu else "")

@@ -5,8 +5,7 @@ by one reshape, no loop over chunks.
 import torch
 from torch import Tensor
 
-from batchnorm import functional as F
-from batchnorm import nn, ops
+from batchnorm import functional, nn, ops
 from batchnorm.layout import memory_format
 
 
@@ -44,9 +43,10 @@ def ghost_batch_norm(
     if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
         raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
     if not training or input.numel() == 0:
-        return F._batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                             eps, num_batches_tracked=num_batches_tracked)
-    F._check(input, running_mean, running_var, weight, bias, None, False, eps, training=True)
+        return functional._batch_norm(input, running_mean, running_var, weight, bias, training,
+                                      momentum, eps, num_batches_tracked=num_batches_tracked)
+    functional._check(input, running_mean, running_var, weight, bias, None, False, eps,
+                      training=True)
     sizes = ghost_chunk_sizes(input.shape[0], virtual_batch_size)
     per_sample = input.numel() // (input.shape[0] * input.shape[1])
     if min(sizes) * per_sample <= 1:
@@ -86,7 +86,7 @@ def ghost_batch_norm(
         # whose statistics are not finite is skipped, as plain batch norm skips such a batch.
         running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
         for mean, m2, count in zip(means, m2s, counts, strict=True):
-            F.warn_if_skipped(ops.update_running(running, mean, m2, count))
+            functional.warn_if_skipped(ops.update_running(running, mean, m2, count))
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(len(sizes))
     return output

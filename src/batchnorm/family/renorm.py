@@ -6,8 +6,7 @@ r and d, clipped, with no gradient through them.
 import torch
 from torch import Tensor
 
-from batchnorm import functional as F
-from batchnorm import nn, ops
+from batchnorm import functional, nn, ops
 from batchnorm.layout import memory_format, values_per_channel
 
 
@@ -107,9 +106,9 @@ def batch_renorm(
         raise ValueError("batch_renorm needs running_mean and running_var: r and d compare the "
                          "batch's statistics with them (track_running_stats=True)")
     if not training or input.numel() == 0:
-        return F._batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                             eps, num_batches_tracked=num_batches_tracked)
-    F._check(input, running_mean, running_var, weight, bias, None, True, eps)
+        return functional._batch_norm(input, running_mean, running_var, weight, bias, training,
+                                      momentum, eps, num_batches_tracked=num_batches_tracked)
+    functional._check(input, running_mean, running_var, weight, bias, None, True, eps)
     bad_r = not isinstance(r_max, Tensor) and r_max < 1  # tensors: no host sync to check
     bad_d = not isinstance(d_max, Tensor) and d_max < 0
     if bad_r or bad_d:
@@ -122,7 +121,7 @@ def batch_renorm(
                                                eps, r_max.to(input.device), d_max.to(input.device))
     count = torch.as_tensor(values_per_channel(input), dtype=m2.dtype, device=m2.device)
     running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
-    F.warn_if_skipped(ops.update_running(running, mean, m2, count))
+    functional.warn_if_skipped(ops.update_running(running, mean, m2, count))
     return output
 
 
@@ -157,19 +156,22 @@ class _BatchRenorm(nn._BatchNorm):
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) in force for the next training batch."""
+        assert self.num_batches_tracked is not None, "track_running_stats=True registers it"
         return renorm_limits(self.num_batches_tracked, self.r_max, self.d_max,
                              self.warmup_steps, self.r_max_steps, self.d_max_steps)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
-            return F._batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                 self.bias, False, self.momentum, self.eps)
+            return functional._batch_norm(input, self.running_mean, self.running_var,
+                                          self.weight, self.bias, False, self.momentum, self.eps)
         r_max, d_max = self.current_limits()
         # track_running_stats turned off after construction freezes the buffers (as in torch):
         # r and d still compare with them, but they are not updated (factor 0, no step counted)
         tracking = self.track_running_stats
-        return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None, "the constructor needs them"
+        return batch_renorm(input, running_mean, running_var, self.weight, self.bias,
                             True, self.momentum if tracking else 0.0, self.eps, r_max, d_max,
                             num_batches_tracked=self.num_batches_tracked if tracking else None)
 

@@ -127,12 +127,14 @@ def _check_against_autograd(result: Evaluation) -> list[Check]:
     beta = torch.tensor(result.inputs["beta"].reshape(-1), dtype=torch.float64,
                         requires_grad=True)
     if graph.kind == "eval":
-        running = [torch.tensor(result.inputs[k].reshape(-1), dtype=torch.float64)
-                   for k in ("running_mean", "running_var")]
-        y = F.batch_norm(x, *running, gamma, beta, training=False, eps=eps)
+        running_mean, running_var = (torch.tensor(result.inputs[k].reshape(-1),
+                                                  dtype=torch.float64)
+                                     for k in ("running_mean", "running_var"))
+        y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
     else:
         y = F.batch_norm(x, None, None, gamma, beta, training=True, eps=eps)
     (0.5 * ((y - target) ** 2).sum()).backward()
+    assert x.grad is not None and gamma.grad is not None and beta.grad is not None
     against = "torch.nn.functional.batch_norm"
     checks += [Check("y", against, _max_diff(result.values["y"], y.detach().numpy())),
                Check("dL/dx", against, _max_diff(result.grads["x"], x.grad.numpy())),

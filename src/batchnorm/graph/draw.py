@@ -183,7 +183,7 @@ def draw(result: Evaluation, channel: int, paths) -> Drawing:
     figure = plt.figure(figsize=(4, 4), dpi=DPI)
     ax = figure.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
-    renderer = figure.canvas.get_renderer()
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg's (see above)
 
     # 1. measure: every box sized to its lines
     boxes = {}
@@ -272,7 +272,9 @@ def draw(result: Evaluation, channel: int, paths) -> Drawing:
             edges.append((source, node.name, start, end, rad))
 
     figure.canvas.draw()
-    renderer, inch = figure.canvas.get_renderer(), figure.dpi_scale_trans.inverted()
+    # Agg's canvas (matplotlib.use("Agg")); FigureCanvasBase's stub has no get_renderer
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    inch = figure.dpi_scale_trans.inverted()
     extents = [tuple(artist.get_window_extent(renderer).transformed(inch).extents)
                for artist in texts]
     paths = [str(p) for p in paths]

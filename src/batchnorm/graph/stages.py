@@ -233,6 +233,7 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], target, eps: float = 
     inputs = {name: np.asarray(array, dtype=np.float64) for name, array in inputs.items()}
     values = dict(inputs)
     for node in graph.stages:                                   # forward, in order
+        assert node.forward is not None, f"stage {node.name} has no forward"
         values[node.name] = node.forward(*(values[name] for name in node.inputs))
 
     y = values[graph.output]
@@ -241,6 +242,7 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], target, eps: float = 
     paths: dict[str, dict[str, np.ndarray]] = {}
     for node in reversed(graph.stages):                         # backward, in reverse order:
         grad = grads[node.name]                                 # every consumer already done
+        assert node.backward is not None, f"stage {node.name} has no backward"
         back = node.backward(grad, values[node.name], *(values[name] for name in node.inputs))
         for name, contribution in zip(node.inputs, back, strict=True):
             contribution = _sum_to(contribution, values[name].shape)

@@ -55,7 +55,7 @@ def _load_triton() -> ModuleType | None:
             _triton = None
         if _triton is not None and not _triton.available():
             _triton = None
-    return _triton
+    return _triton if isinstance(_triton, ModuleType) else None  # never False by now
 
 
 def _cuda_kernel(name: str):
@@ -82,7 +82,8 @@ def backend_name(tensor: torch.Tensor) -> str:
         return _serving[device]
     if device == "cpu" and _native_cpu:
         return "cpu"
-    if device == "cuda" and _load_triton() is not None and tensor.dtype in _triton.DTYPES:
+    triton = _load_triton() if device == "cuda" else None
+    if triton is not None and tensor.dtype in triton.DTYPES:
         return "triton"
     return "composite"
 

@@ -58,7 +58,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -206,6 +206,12 @@ def _like(t: Tensor, input: Tensor, channels_last: bool, name: str) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+@overload
+def _channel_vector(t: Tensor, C: int, name: str) -> Tensor: ...
+@overload
+def _channel_vector(t: None, C: int, name: str) -> None: ...
+@overload
+def _channel_vector(t: Tensor | None, C: int, name: str) -> Tensor | None: ...
 def _channel_vector(t: Tensor | None, C: int, name: str) -> Tensor | None:
     if t is None:
         return None

@@ -148,7 +148,8 @@ def run_experiment(data: MnistData, settings: Settings, progress: bool = True,
     orders = [BatchOrder(len(data.y_train), settings.batch_size, seed) for seed in seeds]
     start = time.perf_counter()
     step, step_seconds = 0, 0.0        # step_seconds: the SGD steps alone, no evaluations
-    bound_bursts = [] if measure_bound and hasattr(engine, "matmul_seconds_per_step") else None
+    bound_bursts: list[float] | None = (
+        [] if measure_bound and hasattr(engine, "matmul_seconds_per_step") else None)
     while step < settings.steps:
         # the batches up to the next evaluation, (k, S, batch_size): seed s's own order in [:, s]
         k = min(settings.eval_every - step % settings.eval_every, settings.steps - step)

@@ -68,6 +68,13 @@ class NumpyNet:
         self.running_var = [np.ones(c) for c in hidden] if batch_norm else []
         self.num_batches_tracked = 0
 
+    def bias(self, i: int) -> np.ndarray:
+        """Layer i's bias (S, 1, out), for a layer that has one: the output layer, and every
+        layer of the network without BN."""
+        b = self.biases[i]
+        assert b is not None, f"layer {i} of a BN network has no bias"
+        return b
+
     def parameters(self) -> dict[str, np.ndarray]:
         """Every trainable array by name: weight{i} (S, in, out), bias{i} (S, 1, out), gamma{i}
         and beta{i} (S * 100,), seed s's channels at [s * 100:(s + 1) * 100]."""
@@ -108,11 +115,11 @@ class NumpyNet:
                         cache.m, s.momentum, self.num_batches_tracked)
                 u = _per_seed(u, S)                                           # (S, N, 100)
             else:
-                u, cache = z + self.biases[i], None
+                u, cache = z + self.bias(i), None
             a = sigmoid(u)
             tape.append((h, cache, a))
             h = a
-        logits = h @ self.weights[-1] + self.biases[-1]                       # (S, N, 10)
+        logits = h @ self.weights[-1] + self.bias(-1)                         # (S, N, 10)
         loss, dlogits = softmax_cross_entropy(logits, onehot)
         if self.batch_norm and update_running:
             self.num_batches_tracked += 1
@@ -157,14 +164,14 @@ class NumpyNet:
                     _side_by_side(z), self.running_mean[i], self.running_var[i], self.gamma[i],
                     self.beta[i], self.settings.eps, axis=1), self.seeds)
             else:
-                u = z + self.biases[i]
+                u = z + self.bias(i)
             if i == hidden - 1:
                 return u
             h = sigmoid(u)
         raise AssertionError("unreachable: the network has at least one hidden layer")
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return sigmoid(self.sigmoid_inputs(x)) @ self.weights[-1] + self.biases[-1]
+        return sigmoid(self.sigmoid_inputs(x)) @ self.weights[-1] + self.bias(-1)
 
 
 class NumpyEngine:
@@ -203,7 +210,7 @@ class NumpyEngine:
         per_net = []
         for net in (self.plain, self.bn):
             pre = net.sigmoid_inputs(self.x_test)                          # (S, N_test, 100)
-            logits = sigmoid(pre) @ net.weights[-1] + net.biases[-1]
+            logits = sigmoid(pre) @ net.weights[-1] + net.bias(-1)
             per_net.append(((logits.argmax(axis=2) == self.y_test).mean(axis=1), pre))
         (acc_plain, pre_plain), (acc_bn, pre_bn) = per_net
         return [Evaluation(float(acc_plain[s]), float(acc_bn[s]), pre_plain[s, :, unit].copy(),

@@ -205,7 +205,7 @@ class TorchEngine:
         e.div_(self.row_sum).sub_(self.onehot_seeds).div_(float(N))   # float: no int -> float cast
 
         # backward, in mirrored order
-        norm_grads = [None] * len(self.norm_parameters)
+        norm_grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer: (d gamma, d beta)
         for k, net in enumerate(NETS):
             d, dh = self.d_logits_of[net], self.dh[net]
             acts, acts_t = (a_plain, self.a_plain_t) if k == 0 else (self.a_bn, self.a_bn_t)
@@ -223,7 +223,7 @@ class TorchEngine:
                     mean, invstd = bn_tape[i]
                     dz_side, sum_du, sum_du_xhat = ops.backward_train(      # back through BN
                         self.du_side, self.z_side[i], mean, invstd, self.norm_state[i][0], None)
-                    norm_grads[2 * i:2 * i + 2] = sum_du_xhat, sum_du      # d gamma, d beta
+                    norm_grads[i] = sum_du_xhat, sum_du
                     dz = self._per_seed(dz_side)                           # (S, 60, 100) view
                     if i == 0:                             # layer 1: both networks at once
                         self.dz_first_halves[1].copy_(dz)
@@ -235,7 +235,8 @@ class TorchEngine:
         # SGD for the biases in one call (the BN half of b_first's gradient is never written: it
         # stays 0, and so does that half of b_first), for gamma and beta in another
         self.small.add_(self.small_grad, alpha=-lr)
-        torch._foreach_add_(self.norm_parameters, norm_grads, alpha=-lr)
+        torch._foreach_add_(self.norm_parameters,
+                            [g for i in range(hidden) for g in norm_grads[i]], alpha=-lr)
 
     @torch.no_grad()
     def evaluate(self) -> list[Evaluation]:

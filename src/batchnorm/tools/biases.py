@@ -136,10 +136,13 @@ def _apply(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor,
     if args is None:
         return None
     if node.op == "call_module":
-        return traced.module(node)(*args, **kwargs)
+        module = traced.module(node)
+        assert module is not None
+        return module(*args, **kwargs)
     if node.op == "call_function":
+        assert callable(node.target)
         return node.target(*args, **kwargs)
-    return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return getattr(args[0], str(node.target))(*args[1:], **kwargs)  # call_method: a name
 
 
 def _commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
@@ -147,6 +150,7 @@ def _commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
     a node on the bias's path."""
     if node.op == "call_module":
         module = traced.module(node)
+        assert module is not None
         if isinstance(module, nn.Dropout) or type(module) in (nn.Dropout1d, nn.Dropout2d,
                                                               nn.Dropout3d):
             return ("affine", 0) if module.p == 0 else (None, 0)
@@ -222,7 +226,8 @@ def _amax_dims(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor) -> 
     return [d % field.dim() for d in as_tuple(dim)]
 
 
-def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
+def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor],
+                ) -> tuple[fx.Node, list[str], list[str], dict[str, Tensor]] | str:
     """Follow start's single value user through commuting ops to a BN module's input.
 
     fields are tensors shaped like start's output, each carried through every op as the bias is
@@ -231,7 +236,9 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
     draws from). Returns (bn node, names passed through, the joins among them, fields at the BN)
     or a reason string.
     """
-    node, through, joins = start, [], []
+    node = start
+    through: list[str] = []
+    joins: list[str] = []
     while True:
         users = value_users(node)
         if len(users) != 1:
@@ -275,10 +282,11 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor]):
             zero = _apply(traced, user, node, torch.zeros_like(probe), joined)
             new = {k: _apply(traced, user, node, f, joined) for k, f in fields.items()}
             if isinstance(zero, Tensor):
-                new = {k: f - zero for k, f in new.items()}
-        if not all(isinstance(f, Tensor) for f in new.values()):
+                new = {k: f if f is None else f - zero for k, f in new.items()}
+        tensors = {k: f for k, f in new.items() if isinstance(f, Tensor)}
+        if len(tensors) != len(new):
             return f"{traced.name(user)} takes another tensor argument or gives no tensor"
-        fields, node = new, user
+        fields, node = tensors, user
         through.append(traced.name(user))
 
 
@@ -311,8 +319,9 @@ def find_redundant_biases(traced: Traced) -> tuple[list[RedundantBias], list[tup
         if reason is not None:
             skipped.append((str(node.target), reason))
             continue
-        out_shape = traced.shape(node)
+        out_shape = traced.tensor_shape(node)
         dim = feature_dim(module, out_shape)
+        assert dim is not None, "producer_reason skips unbatched calls"
         view = [1] * len(out_shape)
         view[dim] = -1
         c = module.bias.numel()

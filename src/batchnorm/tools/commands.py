@@ -108,9 +108,17 @@ def format_inspection(inspection) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchnorm.tools import TraceError, fold_bn, inspect_model, strip_redundant_biases
+    from batchnorm.tools import (
+        FoldReport,
+        StripReport,
+        TraceError,
+        fold_bn,
+        inspect_model,
+        strip_redundant_biases,
+    )
 
     prog = f"batchnorm {args.command}"
+    report: FoldReport | StripReport
     try:
         model, example = load_model(args.model, args.checkpoint, args.input_shape)
         if args.command == "inspect":

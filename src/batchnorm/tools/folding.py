@@ -7,6 +7,8 @@ from typing import Any
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from batchnorm.nn import fuses_relu
 from batchnorm.tools.tracing import (
@@ -69,12 +71,13 @@ def _bn_eval_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> st
             return "functional batch_norm without running statistics uses batch statistics"
         return None
     bn = traced.module(node)
+    assert isinstance(bn, _BatchNorm), "node is an F.batch_norm call or a BN module call"
     if bn.running_mean is None or bn.running_var is None:
         return "no running statistics: it normalizes with batch statistics even in eval mode"
     return bn_shared_reason(traced, node, owners)
 
 
-def _exact_next_conv(module: nn.Module) -> bool:
+def _exact_next_conv(module: _ConvNd) -> bool:
     """A conv reading only inside its input (no zero padding) sees bn(x) everywhere."""
     if module.padding_mode != "zeros":
         return True  # reflect / replicate / circular pad with copies of bn(x)
@@ -82,15 +85,17 @@ def _exact_next_conv(module: nn.Module) -> bool:
     return padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding))
 
 
-def _plan_previous(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
+def _plan_previous(traced: Traced, node: fx.Node, owners: dict[int, int]) -> FoldPlan | str:
     producer = bn_input(node)
-    if producer is None or not is_producer(traced.module(producer)):
-        after = traced.name(producer) if producer is not None else "a non-tensor argument"
-        return f"after {after}, not a Conv/ConvTranspose/Linear"
+    if producer is None:
+        return "after a non-tensor argument, not a Conv/ConvTranspose/Linear"
+    module = traced.module(producer)
+    if not is_producer(module):
+        return f"after {traced.name(producer)}, not a Conv/ConvTranspose/Linear"
     reason = producer_reason(traced, producer, owners)
     if reason is None and len(value_users(producer)) != 1:
         reason = f"its output has {len(value_users(producer))} users, not only the BN"
-    if reason is None and feature_dim(traced.module(producer), traced.shape(producer)) != 1:
+    if reason is None and feature_dim(module, traced.tensor_shape(producer)) != 1:
         reason = "its output features are not the BN's channel dim (Linear on a 3D input)"
     if reason is not None:
         return f"{producer.target}: {reason}"
@@ -98,10 +103,9 @@ def _plan_previous(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
                     str(producer.target), "into previous", node.op != "call_module")
 
 
-def _plan_next(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
+def _plan_next(traced: Traced, node: fx.Node, owners: dict[int, int]) -> FoldPlan | str:
     if node.op == "call_module":
-        bn = traced.module(node)
-        if fuses_relu(bn):
+        if fuses_relu(traced.module(node)):
             return "its fused ReLU sits between it and the next layer"
         if len(node.args) + len(node.kwargs) > 1:
             return "it adds a residual, which the next layer would not see scaled"
@@ -115,7 +119,7 @@ def _plan_next(traced: Traced, node: fx.Node, owners) -> FoldPlan | str:
     reason = producer_reason(traced, user, owners)
     if reason is not None:
         return f"{user.target}: {reason}"
-    in_shape = traced.shape(node)
+    in_shape = traced.tensor_shape(node)
     if isinstance(module, nn.Linear) and len(in_shape) != 2:
         return f"{user.target} reads the last dim of a {len(in_shape)}D input, not BN's channels"
     if isinstance(module, CONVS) and not _exact_next_conv(module):

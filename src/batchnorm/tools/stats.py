@@ -39,7 +39,7 @@ class _Pooled:
             return
         mean_b = x.mean(1)
         m2_b = ((x - mean_b[:, None]) ** 2).sum(1)
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:  # the first batch: both are None until then
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
         n = self.count + n_b
@@ -49,6 +49,7 @@ class _Pooled:
         self.count = n
 
     def var(self) -> Tensor:
+        assert self.m2 is not None, "var() of a _Pooled that saw no samples"
         return self.m2 / (self.count - 1)
 
 

@@ -17,7 +17,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm.nn import fuses_relu
 from batchnorm.tools.biases import RedundantBias, find_redundant_biases
 from batchnorm.tools.folding import FoldPlan, functional_bn_args, plan_folds
-from batchnorm.tools.tracing import CONV_TRANSPOSES, as_tuple, bn_input, trace, traced_copy
+from batchnorm.tools.tracing import (
+    CONV_TRANSPOSES,
+    as_tuple,
+    bn_input,
+    is_producer,
+    trace,
+    traced_copy,
+)
 from batchnorm.tools.weights import absorb_bias, fold_bn_into_next_weights, fold_bn_weights
 
 __all__ = ["StripReport", "strip_redundant_biases", "FoldReport", "fold_bn", "BNRemnant",
@@ -127,12 +134,13 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
     stripped = copy.deepcopy(model)
     arriving: dict[str, Tensor] = {}  # per BN, the sum of the constants its input loses
     for f in found:
-        stripped.get_submodule(f.layer).bias = None
+        stripped.get_submodule(f.layer).register_parameter("bias", None)
         arriving[f.bn] = arriving.get(f.bn, 0) + f.channel_bias  # float64; several through add
     for name, channel_bias in arriving.items():
         bn = stripped.get_submodule(name)
-        if bn.running_mean is not None:
-            bn.running_mean = absorb_bias(bn.running_mean, channel_bias)
+        running_mean = bn.running_mean
+        if isinstance(running_mean, Tensor):  # a buffer: a tensor or None
+            bn.running_mean = absorb_bias(running_mean, channel_bias)
     report = StripReport(found, skipped, sum(f.parameters for f in found),
                          max_output_difference(model, stripped, example_inputs),
                          max_output_difference(model, stripped, example_inputs, training=True))
@@ -195,6 +203,7 @@ def _bn_tensors(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None):
     if module is not None:
         return module.running_mean, module.running_var, module.eps, module.weight, module.bias
     named = functional_bn_args(node)
+    assert named is not None, "node is an F.batch_norm call when there is no module"
     mean, var, gamma, beta = (None if named[k] is None else _fetch(gm, named[k].target)
                               for k in ("running_mean", "running_var", "weight", "bias"))
     return mean, var, named["eps"], gamma, beta
@@ -241,6 +250,7 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
         bn = None if plan.functional else gm.get_submodule(plan.bn)
         mean, var, eps, gamma, beta = _bn_tensors(gm, node, bn)
         layer = gm.get_submodule(plan.layer)
+        assert is_producer(layer), "plan_folds folds into Conv/ConvTranspose/Linear only"
         groups = getattr(layer, "groups", 1)
         if plan.direction == "into previous":
             w, b = fold_bn_weights(layer.weight, layer.bias, mean, var, eps, gamma, beta,
@@ -252,12 +262,14 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
         layer.bias = nn.Parameter(b)  # a weight tied elsewhere keeps its value there
         if plan.functional:
             named = functional_bn_args(node)
+            assert named is not None
             keys = ("running_mean", "running_var", "weight", "bias")
             erased_attributes |= {named[k].target for k in keys if named[k] is not None}
             node.replace_all_uses_with(bn_input(node))
             gm.graph.erase_node(node)
             graph_changed = True
         else:
+            assert bn is not None
             remnant = _remnant(bn, node)
             _set_submodule(folded, plan.bn, remnant)
             _set_submodule(gm, plan.bn, remnant)
@@ -310,10 +322,9 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
             stats = "running" if module.running_mean is not None else "batch"
             tracked = (int(module.num_batches_tracked) if module.num_batches_tracked is not None
                        else "-")
-        elif functional_bn_args(node) is not None:
-            named = functional_bn_args(node)
+        elif (named := functional_bn_args(node)) is not None:
             name, kind, eps = node.name, "F.batch_norm", named["eps"]
-            channels = traced.shape(node)[1]
+            channels = traced.tensor_shape(node)[1]
             affine = named["weight"] is not None
             stats, tracked = ("running" if named["running_mean"] is not None else "batch"), "-"
         else:

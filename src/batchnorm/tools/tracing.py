@@ -10,12 +10,13 @@ values, which module it calls, whether that module is shared, hooked or tied to 
 import builtins
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 __all__ = ["TraceError", "Traced", "trace", "traced_copy", "PRODUCERS"]
 
@@ -48,7 +49,7 @@ class Traced:
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
             return None
-        return self.graph_module.get_submodule(node.target)
+        return self.graph_module.get_submodule(str(node.target))
 
     def name(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -60,6 +61,13 @@ class Traced:
     def shape(self, node: fx.Node) -> torch.Size | None:
         value = self.values.get(node)
         return value.shape if isinstance(value, TensorRecord) else None
+
+    def tensor_shape(self, node: fx.Node) -> torch.Size:
+        """shape() of a node that gives a tensor (a Conv/Linear or BN call, say)."""
+        shape = self.shape(node)
+        if shape is None:
+            raise TypeError(f"{self.name(node)} gave no tensor on the example input")
+        return shape
 
 
 class _Tracer(fx.Tracer):
@@ -189,11 +197,11 @@ def bn_input(node: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
-def is_producer(module: nn.Module | None) -> bool:
+def is_producer(module: nn.Module | None) -> TypeGuard[_ConvNd | nn.Linear]:
     return type(module) in PRODUCERS  # exact types: a subclass may change forward
 
 
-def feature_dim(module: nn.Module, out_shape: torch.Size) -> int | None:
+def feature_dim(module: _ConvNd | nn.Linear, out_shape: torch.Size) -> int | None:
     """The dim of the producer's output that its bias (and weight rows) run along."""
     if isinstance(module, nn.Linear):
         return len(out_shape) - 1
@@ -207,6 +215,7 @@ def has_hooks(module: nn.Module | None) -> bool:
 
 def bn_shared_reason(traced: Traced, bn_node: fx.Node, owners: dict[int, int]) -> str | None:
     bn = traced.module(bn_node)
+    assert isinstance(bn, _BatchNorm), "called for batch-norm module calls only"
     if has_hooks(bn):
         return f"{bn_node.target} has forward hooks, which the graph does not show"
     if traced.calls[id(bn)] != 1:
@@ -221,12 +230,13 @@ def bn_shared_reason(traced: Traced, bn_node: fx.Node, owners: dict[int, int]) -
 
 def producer_reason(traced: Traced, node: fx.Node, owners: dict[int, int]) -> str | None:
     module = traced.module(node)
+    assert is_producer(module), "called for Conv/ConvTranspose/Linear calls only"
     if traced.calls[id(module)] != 1:
         return f"called {traced.calls[id(module)]} times (a shared module)"
     if has_hooks(module):
         return "it has forward hooks, which the graph does not show"
     if attr_users(traced, str(node.target)):
         return "its parameters are also read directly by the graph"
-    if feature_dim(module, traced.shape(node)) is None:
+    if feature_dim(module, traced.tensor_shape(node)) is None:
         return "called on an unbatched input"
     return None

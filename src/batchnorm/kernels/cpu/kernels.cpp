@@ -10,7 +10,8 @@
 // Statistics. One pass of shifted sums: d = x - shift, sum(d) and sum(d^2), where shift is the
 // mean of the channel's first few values, so the sums see the channel's spread, not its offset
 // (float32 data with mean 1e4 and unit variance keep their precision). d and d^2 are summed in
-// the input's compute precision in vector lanes for a few thousand values, then added into double.
+// the input's compute precision in vector lanes for at least kFlush values of a channel (whole
+// (N, C, S) runs of S values; kFlushRows rows of (M, C)), then added into double.
 // If a channel's result is not finite, it is recomputed exactly, two passes in double (float32
 // values near 1e30 square to infinity in float but not in double); if it is still not finite the
 // input holds NaN or Inf, and the caller's guard sees it.
@@ -32,8 +33,10 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 32768;     // values per task (torch's own grain size)
-constexpr int64_t kFlush = 4096;      // values per channel summed in float lanes before double
-constexpr int64_t kFlushRows = 256;   // rows of (M, C) summed in float lanes before double
+// (N, C, S): a channel's runs of S values are summed in compute-precision lanes until at least
+// kFlush values are pending (a run longer than that is summed whole), then added into double
+constexpr int64_t kFlush = 4096;
+constexpr int64_t kFlushRows = 256;   // rows of (M, C) summed in compute-precision lanes likewise
 constexpr int64_t kShiftValues = 16;  // values averaged into a channel's shift
 
 // Reading and writing one vector of T in its compute precision (float, or double for double).
@@ -65,8 +68,8 @@ struct IO<c10::BFloat16> : ReducedIO<c10::BFloat16> {};
 // Non-temporal stores for large float32 outputs: a written line goes to memory without being
 // read first (a normal store reads the line before writing it, one third more traffic). Only for
 // outputs far larger than the caches (the next layer would read them from memory anyway), in the
-// (N, C, S) layout from the first 64-byte boundary of each run on (the head uses plain stores),
-// in the (M, C) layout when every row starts on one.
+// (N, C, S) layout from the first vector-aligned element of each run on (64 bytes with AVX512,
+// 32 with AVX2; the head uses plain stores), in the (M, C) layout when every row starts aligned.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename T>
@@ -94,7 +97,8 @@ void store_streaming(T* p, const V& v) {
 #endif
 }
 
-// Values before the first vector-aligned element of out + base (plain stores for them).
+// How many of the S values of a run starting at out come before its first vector-aligned
+// element (they get plain stores).
 template <typename T>
 int64_t aligned_head(const T* out, int64_t S) {
   constexpr int64_t bytes = Vectorized<float>::size() * int64_t(sizeof(float));

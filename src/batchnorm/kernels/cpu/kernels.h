@@ -6,7 +6,9 @@
 //              a row holds one value of every channel
 // Per-channel vectors (mean, invstd, weight, ...) are arrays of C values of Acc<T>: double for
 // double input, float for float, Half and BFloat16 (read and written natively, summed in float).
-// Statistics are summed in double whatever the input: a float32 square cannot overflow there.
+// Statistics are totalled in double whatever the input, from partial sums in vector lanes of the
+// compute precision (kernels.cpp); a channel whose float sums overflow (values near 1e30) is
+// recomputed exactly in double.
 #pragma once
 
 #include <cstdint>
