@@ -106,7 +106,7 @@ def test_exit_status_is_one_when_a_claim_fails(monkeypatch, capsys, tmp_path):
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ValueError, match="backend must be 'torch' or 'auto'"):
+    with pytest.raises(ValueError, match="backend must be 'composite' or 'auto'"):
         claims.run_checks(seed=0, backend="fastest")
 
 

@@ -3,7 +3,7 @@ layout and odd shape; opcheck; threading (1 and 2 threads, Python threads at onc
 running without the extension.
 
 The references are the composite kernels (kernels/composite.py, the contract) evaluated on
-float64 copies of the inputs, with `kernels.use("torch")` so that no C++ kernel takes part.
+float64 copies of the inputs, with `kernels.use("composite")` so that no C++ kernel takes part.
 """
 
 import os
@@ -62,7 +62,7 @@ def _f64(t):
 
 def _reference(name, *args):
     """The composite op on float64 copies, no C++ kernel involved."""
-    with kernels.use("torch"):
+    with kernels.use("composite"):
         return getattr(torch.ops.batchnorm, name)(*[_f64(a) if isinstance(a, torch.Tensor)
                                                     else a for a in args])
 
@@ -172,7 +172,7 @@ def test_update_running_stats(momentum, buffer_dtype):
         buffer_dtype), torch.tensor(2)]
     theirs = [t.clone() for t in ours]
     assert bool(ops.update_running_stats(*ours, mean, m2, count, momentum))
-    with kernels.use("torch"):
+    with kernels.use("composite"):
         assert bool(ops.update_running_stats(*theirs, mean, m2, count, momentum))
     for a, b, what in zip(ours, theirs, ("running_mean", "running_var", "num_batches_tracked"),
                           strict=True):
@@ -238,7 +238,7 @@ def test_empty_batch_stats_are_zero():
 def test_is_the_cpu_backend():
     for dtype in DTYPES:
         assert kernels.backend_name(torch.empty(2, 3, dtype=dtype)) == "cpu"
-    with kernels.use("torch"):
+    with kernels.use("composite"):
         assert kernels.backend_name(torch.empty(2, 3)) == "composite"
         x = torch.randn(4, 3)
         y_composite = ops.elemt(x, x[0], x[1].abs(), None, None, None, False)
@@ -384,12 +384,12 @@ def test_environment_forces_the_composite():
     script = ("import torch, batchnorm; from batchnorm import kernels; "
               "assert kernels.backend_name(torch.empty(2, 3)) == 'composite'")
     done = subprocess.run([sys.executable, "-c", script], timeout=120,
-                          env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
+                          env=_env(BATCHNORM_KERNELS="composite"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
 def test_composite_reference_is_not_the_cpu_kernels():
-    # The references above would prove nothing if use("torch") still ran the C++ kernels.
+    # The references above would prove nothing if use("composite") still ran the C++ kernels.
     calls = []
     original = composite.stats
 
@@ -447,7 +447,7 @@ def test_python_autograd_path_matches_torch():
         assert torch.autograd.gradgradcheck(f, (x, w, b))
     """)
     done = subprocess.run([sys.executable, "-c", script], timeout=300,
-                          env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
+                          env=_env(BATCHNORM_KERNELS="composite"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -489,5 +489,14 @@ def test_composite_normalizes_float32_extremes_without_false_alarms():
         assert int(m.num_batches_tracked) == 1
     """)
     done = subprocess.run([sys.executable, "-c", script], timeout=300,
-                          env=_env(BATCHNORM_KERNELS="torch"), capture_output=True, text=True)
+                          env=_env(BATCHNORM_KERNELS="composite"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_composite_has_one_name_and_the_old_one_still_works():
+    for name in ("composite", "torch"):
+        with kernels.use(name):
+            assert kernels.backend_name(torch.zeros(2, 3)) == "composite"
+    with pytest.raises(ValueError, match="'composite' or None"):
+        with kernels.use("numba"):
+            pass

@@ -335,11 +335,11 @@ CHECKS = (
 )
 
 
-def run_checks(seed: int = 0, backend: str = "torch") -> list[ClaimResult]:
-    """Every check, on the kernel backend `backend`: "torch" (the composite fallback: the same
-    custom ops in torch operations) or "auto" (the kernels registered per device)."""
-    if backend not in ("torch", "auto"):
-        raise ValueError(f"backend must be 'torch' or 'auto', got {backend!r}")
+def run_checks(seed: int = 0, backend: str = "composite") -> list[ClaimResult]:
+    """Every check, on the kernel backend `backend`: "composite" (the same custom ops in torch
+    operations) or "auto" (the kernels registered per device)."""
+    if backend not in ("composite", "auto"):
+        raise ValueError(f"backend must be 'composite' or 'auto', got {backend!r}")
     with kernels.use(None if backend == "auto" else backend):
         return [check(seed=seed) for check in CHECKS]
 
@@ -378,9 +378,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random input (0)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the table as JSON to PATH")
-    parser.add_argument("--kernels", choices=("torch", "auto"), default="torch",
-                        help="kernel backend: torch, the composite fallback (default), or auto, "
-                             "the kernels registered per device (C++ on CPU)")
+    parser.add_argument("--kernels", choices=("composite", "auto"), default="composite",
+                        help="kernel backend: composite, the ops in torch operations (default), "
+                             "or auto, the kernels registered per device (C++ on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:

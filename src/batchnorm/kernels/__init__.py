@@ -6,8 +6,9 @@
     composite.py  torch operations: the CompositeExplicitAutograd kernels, i.e. every device
                   without kernels of its own (and CPU without the extension), and the contract
 
-`BATCHNORM_KERNELS=torch` in the environment leaves the native CPU kernels unregistered;
-`with kernels.use("torch"):` serves CPU and CUDA tensors with the composite for a while, and
+`BATCHNORM_KERNELS=composite` in the environment leaves the native CPU kernels unregistered;
+`with kernels.use("composite"):` serves CPU and CUDA tensors with the composite for a while
+("torch", the name these had before, is accepted for both), and
 `with kernels.serving(device_type, module):` with any module holding the four primitives (tests
 and benchmarks compare backends that way).
 """
@@ -22,6 +23,7 @@ import torch
 
 from batchnorm.kernels import composite
 
+_COMPOSITE_NAMES = ("composite", "torch")   # "torch": the earlier name, still accepted
 _FORCED = os.environ.get("BATCHNORM_KERNELS") or None
 PRIMITIVES = ("stats", "elemt", "backward_reduce", "backward_elemt")
 FUSED = ("forward_train", "backward_train", "forward_eval", "update_running_stats")  # composite
@@ -38,7 +40,7 @@ def register(lib: torch.library.Library, names: tuple[str, ...]) -> None:
         lib.impl(name, getattr(composite, name), "CompositeExplicitAutograd")
     for name in PRIMITIVES:
         lib.impl(name, _cuda_kernel(name), "CUDA")
-    if _FORCED != "torch":
+    if _FORCED not in _COMPOSITE_NAMES:
         from batchnorm.kernels import cpu
 
         _native_cpu = cpu.load()
@@ -117,9 +119,10 @@ def serving(device_type: str, module: ModuleType, name: str | None = None):
 
 @contextlib.contextmanager
 def use(name: str | None):
-    """'torch': serve CPU and CUDA tensors with the composite for the duration; None: as set up."""
-    if name not in (None, "torch"):
-        raise ValueError(f"kernels.use expects 'torch' or None, got {name!r}")
+    """'composite': serve CPU and CUDA tensors with the composite for the duration; None: as set
+    up."""
+    if name is not None and name not in _COMPOSITE_NAMES:
+        raise ValueError(f"kernels.use expects 'composite' or None, got {name!r}")
     if name is None:
         yield
         return
