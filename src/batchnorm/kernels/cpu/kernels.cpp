@@ -436,12 +436,15 @@ void rows_stats(const T* x, const Layout& L, std::vector<double>& mean, std::vec
   using A = Acc<T>;
   const int64_t M = L.rows_count(), C = L.C;
   const int64_t k = std::min(M, kShiftValues);
-  std::vector<A> shift(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0;
-    for (int64_t r = 0; r < k; ++r) s += static_cast<double>(x[r * C + c]);
-    shift[c] = static_cast<A>(s / static_cast<double>(k));
+  // The shift: the mean of the first k rows, summed row by row (each channel's sum in the same
+  // order as a column walk, but C independent sums at a time instead of one dependent chain).
+  std::vector<double> first_rows(C, 0.0);
+  for (int64_t r = 0; r < k; ++r) {
+    const T* row = x + r * C;
+    for (int64_t c = 0; c < C; ++c) first_rows[c] += static_cast<double>(row[c]);
   }
+  std::vector<A> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<A>(first_rows[c] / static_cast<double>(k));
   const std::vector<double> sums = reduce_rows(M, C, 2 * C, [&](int64_t r0, int64_t r1,
                                                                  double* partial) {
     rows_moments(x, C, r0, r1, shift.data(), partial, partial + C);
