@@ -122,7 +122,7 @@ def test_convert_sync_batchnorm_keeps_hooks_like_convert():
 
 def test_to_torch_refuses_a_sync_batchnorm_with_a_fused_relu():
     net = torch.nn.Sequential(batchnorm.SyncBatchNorm(3, relu=True))
-    with pytest.raises(TypeError, match="fuses a ReLU"):
+    with pytest.raises(TypeError, match="fuses a ReLU and torch.nn.SyncBatchNorm has none"):
         batchnorm.to_torch(net)
     batchnorm.to_torch(torch.nn.Sequential(batchnorm.SyncBatchNorm(3)))  # no ReLU: converts
 
@@ -161,3 +161,17 @@ def test_one_table_lists_every_class_and_drives_both_directions():
             with pytest.raises(TypeError, match=ours.__name__) as error:
                 batchnorm.to_torch(torch.nn.Sequential(_instance(ours)))
             assert theirs in str(error.value)
+
+
+def test_to_torch_refuses_subclasses_of_ours_and_swaps_nothing_when_it_refuses():
+    class Tagged(batchnorm.BatchNorm2d):
+        pass
+
+    net = torch.nn.Sequential(batchnorm.BatchNorm2d(3), Tagged(3))
+    with pytest.raises(TypeError, match=r"1 \(Tagged\) is a subclass of a batchnorm class"):
+        batchnorm.to_torch(net)
+    assert type(net[0]) is batchnorm.BatchNorm2d  # the refused call swapped nothing
+    net = torch.nn.Sequential(batchnorm.BatchNorm2d(3), batchnorm.BatchNormReLU2d(3))
+    with pytest.raises(TypeError, match="fuses a ReLU"):
+        batchnorm.to_torch(net)
+    assert type(net[0]) is batchnorm.BatchNorm2d

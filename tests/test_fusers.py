@@ -4,6 +4,7 @@ for quantization-aware training (fuse_modules_qat)."""
 
 import copy
 
+import pytest
 import torch
 from torch.ao.quantization import fuse_modules, fuse_modules_qat
 from torch.fx.experimental.optimization import fuse as fx_fuse
@@ -158,3 +159,34 @@ def test_registration_is_idempotent_and_additive():
     assert mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD == before
     assert optimization.matches_module_pattern.__wrapped__.__module__ == optimization.__name__
     assert before[(torch.nn.Conv2d, torch.nn.BatchNorm2d)] is mappings.fuse_conv_bn
+
+
+def _hooked_net(conv_bn, relu):
+    """conv -> bn (-> relu), a pre-hook on the first module and a hook on the last, recording."""
+    calls = []
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 3), conv_bn(4)] + ([torch.nn.ReLU()] if relu else [])
+    net = torch.nn.Sequential(*layers).double()
+    net[0].register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    net[-1].register_forward_hook(lambda m, args, out: calls.append("post"))
+    net[1].register_forward_hook(lambda m, args, out: calls.append("bn"))
+    return net, calls
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["eval", "qat"])
+@pytest.mark.parametrize("relu", [False, True], ids=["conv-bn", "conv-bn-relu"])
+def test_hooks_fire_as_on_the_torch_nn_model(qat, relu):
+    """torch's fuser moves the first module's pre-hooks and the last one's hooks to the fused
+    module: the converted model's hooks fire exactly as the torch.nn model's do."""
+    fuse = fuse_modules_qat if qat else fuse_modules
+    names = ["0", "1", "2"] if relu else ["0", "1"]
+    fired = []
+    for convert in (False, True):
+        net, calls = _hooked_net(torch.nn.BatchNorm2d, relu)
+        if convert:
+            batchnorm.convert(net)
+        net.train(qat)
+        fused = fuse(net, [names])
+        fused(torch.randn(2, 3, 6, 6, dtype=F64))
+        fired.append(calls)
+    assert fired[1] == fired[0], fired

@@ -93,6 +93,7 @@ def test_jit_script_of_a_class_without_torch_twin_names_the_way_out():
         torch.jit.script(ghost)
 
 
+@pytest.mark.slow
 def test_compiled_converted_model_matches_compiled_torch_nn():
     """Inductor on both models: three training steps (outputs, input and parameter gradients,
     every buffer), then eval, in float64."""

@@ -63,21 +63,37 @@ def _fresh_lazy(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return fresh
 
 
+def _torch_name(cls: type) -> str:
+    return f"torch.nn.{cls.__name__}" if cls.__module__.startswith("torch.") else cls.__name__
+
+
+def _refusal(name: str, module: torch.nn.Module, mapping: dict[type, type[torch.nn.Module]],
+             refuse: dict[type, str]) -> str | None:
+    """Why module cannot be swapped (a TypeError's message), or None."""
+    kind, where = type(module), f"{name or 'the model'} ({type(module).__name__})"
+    if kind in refuse:
+        return f"{where} {refuse[kind]}"
+    if kind in mapping and nn.fuses_relu(module) and not nn.fuses_relu(mapping[kind]):
+        return (f"{where} fuses a ReLU and {_torch_name(mapping[kind])} has none; it would be "
+                f"silently dropped")  # SyncBatchNorm(relu=True)
+    return None
+
+
 def _swap_classes(model: torch.nn.Module, mapping: dict[type, type[torch.nn.Module]], *,
                   refuse: dict[type, str], skipped: list[str]) -> torch.nn.Module:
-    """nn.replace_modules with nn.swap_class for each module whose exact type is in mapping; a
-    type in refuse raises its TypeError; other torch.nn batch-norm subclasses are named in
-    skipped."""
+    """nn.replace_modules with nn.swap_class for each module whose exact type is in mapping. A
+    module that cannot be swapped (a type in refuse, a fused ReLU its target lacks) raises a
+    TypeError before anything is swapped, so a refused call leaves the model as it was; other
+    torch.nn batch-norm subclasses are named in skipped."""
+    for name, module in model.named_modules():
+        why = _refusal(name, module, mapping, refuse)
+        if why is not None:
+            raise TypeError(why)
 
     def swap(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
         kind = type(module)
-        if kind in refuse:
-            raise TypeError(f"{name or 'the model'} ({kind.__name__}) {refuse[kind]}")
         if kind in mapping:
             target = mapping[kind]
-            if nn.fuses_relu(module) and not nn.fuses_relu(target):  # SyncBatchNorm(relu=True)
-                raise TypeError(f"{name or 'the model'} ({kind.__name__}) fuses a ReLU and "
-                                f"{target.__name__} has none; it would be silently dropped")
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
                 return _fresh_lazy(module, target)
             swapped = nn.swap_class(module, target)
@@ -117,7 +133,15 @@ def convert(model: torch.nn.Module, *, report: list[str] | None = None) -> torch
 
 def to_torch(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every batch-norm layer of this package's back to torch.nn's, in place (the inverse
-    of convert, sharing state and hooks likewise). A class of ours that torch.nn has no class for
-    (the fused ReLU layers, the family: ghost, renorm, frozen) raises a TypeError naming the
-    layer and why. Returns the model."""
-    return _swap_classes(model, _TO_TORCH, refuse=_REFUSED, skipped=[])
+    of convert, sharing state and hooks likewise). A layer torch.nn has no class for (the fused
+    ReLU layers, the family: ghost, renorm, frozen; a subclass of one of ours, whose own methods
+    would be dropped) raises a TypeError naming the layer and why, and nothing is swapped.
+    Returns the model."""
+    refuse = dict(_REFUSED)
+    for module in model.modules():
+        kind = type(module)
+        if (isinstance(module, (nn._BatchNorm, family.FrozenBatchNorm))
+                and kind not in _TO_TORCH and kind not in refuse):
+            refuse[kind] = ("is a subclass of a batchnorm class; to_torch would drop its own "
+                            "methods (swap it by hand, e.g. with batchnorm.nn.swap_class)")
+    return _swap_classes(model, _TO_TORCH, refuse=refuse, skipped=[])

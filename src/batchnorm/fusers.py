@@ -16,6 +16,9 @@ is not enough for them to see ours:
 Registration is additive (torch's own entries and answers are unchanged), happens once at
 `import batchnorm`, and is skipped for a torch whose private tables look different (the
 fusers then see only torch.nn layers again; tests/test_fusers.py fails loudly on such a torch).
+A module that bound matches_module_pattern by name before `import batchnorm` (Inductor's
+pre-grad passes, when imported first) keeps torch's function: it then folds only torch.nn
+layers, which is correct, as before.
 """
 
 import torch
@@ -32,10 +35,22 @@ _WITH_RELU = {ours.BatchNormReLU1d: torch.nn.BatchNorm1d,
               ours.BatchNormReLU3d: torch.nn.BatchNorm3d}
 
 
+def _twin(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
+    """A cls layer on module's state that also shares module's hook dicts (the same dict
+    objects, not copies): torch's fuser moves the first module's pre-hooks and the last one's
+    hooks onto the fused module and clears them on the module it was given, which must then
+    clear them on ours too, or they would fire twice."""
+    twin: torch.nn.Module = ours.swap_class(module, cls)
+    for key, value in module.__dict__.items():
+        if "hooks" in key and isinstance(value, dict):
+            twin.__dict__[key] = value
+    return twin
+
+
 def _as_torch(module: torch.nn.Module) -> torch.nn.Module:
     """The torch.nn layer on module's state for one of ours, module itself otherwise."""
     if type(module) in _PLAIN:
-        return ours.swap_class(module, _PLAIN[type(module)])
+        return _twin(module, _PLAIN[type(module)])
     return module
 
 
@@ -53,7 +68,7 @@ def _relu_split(method):
     torch.nn layer on its state followed by a ReLU in the same mode."""
 
     def fuse(is_qat, conv, bn_relu):
-        bn = ours.swap_class(bn_relu, _WITH_RELU[type(bn_relu)])
+        bn = _twin(bn_relu, _WITH_RELU[type(bn_relu)])
         return method(is_qat, conv, bn, torch.nn.ReLU().train(bn_relu.training))
 
     return fuse
