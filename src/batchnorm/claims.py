@@ -378,12 +378,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random input (0)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the table as JSON to PATH")
-    parser.add_argument("--kernels", choices=("composite", "auto"), default="composite",
-                        help="kernel backend: composite, the ops in torch operations (default), "
-                             "or auto, the kernels registered per device (C++ on CPU)")
+    parser.add_argument("--kernels", choices=("composite", "auto", "torch"), default="composite",
+                        help="kernel backend: composite, the ops in torch operations (default; "
+                             "'torch' is its earlier name), or auto, the kernels registered per "
+                             "device (C++ on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels == "torch":  # the earlier name of the composite
+        args.kernels = "composite"
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     try:
