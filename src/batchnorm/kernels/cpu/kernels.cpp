@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace batchnorm::cpu {
@@ -584,6 +585,36 @@ GradFactors grad_factors(double invstd, double w, double mean_dy, double mean_dy
   return {k, -k * mean_dy, k * invstd * mean_dy_xhat};
 }
 
+// dx of every value: each channel's factors from grad_factors, means(c) giving its (mean_dy,
+// mean_dy_xhat) in double, then one pass over the rows or the channels.
+template <typename T, bool kMask, typename Means>
+void grad_input(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
+                const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* weight, Means means) {
+  using A = Acc<T>;
+  const int64_t C = L.C;
+  std::vector<A> k(C), c1(C), c2(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto [mean_dy, mean_dy_xhat] = means(c);
+    const GradFactors g = grad_factors(invstd[c], weight ? weight[c] : 1.0, mean_dy,
+                                       mean_dy_xhat);
+    k[c] = static_cast<A>(g.k);
+    c1[c] = static_cast<A>(g.c1);
+    c2[c] = static_cast<A>(g.c2);
+  }
+  if (L.rows) {
+    each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
+      rows_grad_input<T, kMask>(dy, x, output, dx, C, r0, r1, mean, k.data(), c1.data(),
+                                c2.data(), streaming(L, dx));
+    });
+    return;
+  }
+  at::parallel_for(0, C, channel_grain(L), [&](int64_t c0, int64_t c1_) {
+    for (int64_t c = c0; c < c1_; ++c) {
+      channel_grad_input<T, kMask>(dy, x, output, dx, L, c, mean[c], k[c], c1[c], c2[c]);
+    }
+  });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -671,29 +702,10 @@ template <typename T>
 void backward_elemt(const T* dy, const T* x, const T* output, T* dx, const Layout& L,
                     const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* weight,
                     const Acc<T>* mean_dy, const Acc<T>* mean_dy_xhat) {
-  using A = Acc<T>;
-  const int64_t C = L.C;
-  std::vector<A> k(C), c1(C), c2(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const GradFactors g = grad_factors(invstd[c], weight ? weight[c] : 1.0, mean_dy[c],
-                                       mean_dy_xhat[c]);
-    k[c] = static_cast<A>(g.k);
-    c1[c] = static_cast<A>(g.c1);
-    c2[c] = static_cast<A>(g.c2);
-  }
   with_flags(output != nullptr, false, [&](auto has_mask, auto) {
     constexpr bool kMask = decltype(has_mask)::value;
-    if (L.rows) {
-      each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
-        rows_grad_input<T, kMask>(dy, x, output, dx, C, r0, r1, mean, k.data(), c1.data(),
-                                  c2.data(), streaming(L, dx));
-      });
-      return;
-    }
-    at::parallel_for(0, C, channel_grain(L), [&](int64_t c0, int64_t c1_) {
-      for (int64_t c = c0; c < c1_; ++c) {
-        channel_grad_input<T, kMask>(dy, x, output, dx, L, c, mean[c], k[c], c1[c], c2[c]);
-      }
+    grad_input<T, kMask>(dy, x, output, dx, L, mean, invstd, weight, [&](int64_t c) {
+      return std::pair<double, double>(mean_dy[c], mean_dy_xhat[c]);
     });
   });
 }
@@ -756,20 +768,12 @@ void backward_train(const T* dy, const T* x, const T* output, T* dx, const Layou
                                                    [&](int64_t r0, int64_t r1, double* partial) {
         rows_grad_sums<T, kMask>(dy, x, output, C, r0, r1, mean, partial, partial + C);
       });
-      std::vector<A> k(C), c1(C), c2(C);
       for (int64_t c = 0; c < C; ++c) {
-        const double s_dy_xhat = sums[C + c] * invstd[c];
         sum_dy[c] = static_cast<A>(sums[c]);
-        sum_dy_xhat[c] = static_cast<A>(s_dy_xhat);
-        const GradFactors g =
-            grad_factors(invstd[c], weight ? weight[c] : 1.0, sums[c] / n, s_dy_xhat / n);
-        k[c] = static_cast<A>(g.k);
-        c1[c] = static_cast<A>(g.c1);
-        c2[c] = static_cast<A>(g.c2);
+        sum_dy_xhat[c] = static_cast<A>(sums[C + c] * invstd[c]);
       }
-      each_row_range(L.rows_count(), C, [&](int64_t r0, int64_t r1) {
-        rows_grad_input<T, kMask>(dy, x, output, dx, C, r0, r1, mean, k.data(), c1.data(),
-                                  c2.data(), streaming(L, dx));
+      grad_input<T, kMask>(dy, x, output, dx, L, mean, invstd, weight, [&](int64_t c) {
+        return std::pair<double, double>(sums[c] / n, sums[C + c] * invstd[c] / n);
       });
       return;
     }
