@@ -78,6 +78,18 @@ def test_ghost_with_the_whole_batch_is_batchnorm(shape, virtual):
     assert_close(ours(x), theirs(x), F64, 64, "eval output")
 
 
+def _assert_step_matches(module, y, grad_input, expected, dtype, what):
+    """One training step of module against the NumPy reference's results: output, input and
+    parameter gradients, the running statistics (each sums a channel's 64 values)."""
+    y_ref, dx_ref, dg_ref, db_ref, mean_ref, var_ref = expected
+    for name, actual, wanted in (("output", y, y_ref), ("input grad", grad_input, dx_ref),
+                                 ("weight grad", module.weight.grad, dg_ref),
+                                 ("bias grad", module.bias.grad, db_ref),
+                                 ("running_mean", module.running_mean, mean_ref),
+                                 ("running_var", module.running_var, var_ref)):
+        assert_close(actual, wanted, dtype, 64, f"{what}: {name}")
+
+
 def _ghost_reference(x, dy, gamma, beta, running_mean, running_var, seen, virtual, momentum, eps):
     """Ghost batch norm by the NumPy reference, one chunk at a time, in order."""
     y, dx = np.empty_like(x), np.empty_like(x)
@@ -124,12 +136,9 @@ def test_ghost_matches_reference_chunk_by_chunk(shape, virtual, momentum, layout
         what = f"step {step}"
         if layout is not None:
             assert y.is_contiguous(memory_format=layout), f"{what}: layout not kept"
-        assert_close(y, y_ref, dtype, 64, f"{what}: output")
-        assert_close(xt.grad, dx_ref, dtype, 64, f"{what}: input grad")
-        assert_close(ours.weight.grad, dg_ref, dtype, 64, f"{what}: weight grad")
-        assert_close(ours.bias.grad, db_ref, dtype, 64, f"{what}: bias grad")
-        assert_close(ours.running_mean, running_mean, dtype, 64, f"{what}: running_mean")
-        assert_close(ours.running_var, running_var, dtype, 64, f"{what}: running_var")
+        _assert_step_matches(ours, y, xt.grad,
+                             (y_ref, dx_ref, dg_ref, db_ref, running_mean, running_var), dtype,
+                             what)
         assert int(ours.num_batches_tracked) == seen
         ours.zero_grad()
     ours.eval()
@@ -259,12 +268,8 @@ def test_renorm_matches_reference(shape, r_max, d_max, dtype):
         y = module(xt)
         (y * dy.to(dtype)).sum().backward()
         what = f"step {step}"
-        assert_close(y, y_ref, dtype, 64, f"{what}: output")
-        assert_close(xt.grad, dx_ref, dtype, 64, f"{what}: input grad")
-        assert_close(module.weight.grad, dg_ref, dtype, 64, f"{what}: weight grad")
-        assert_close(module.bias.grad, db_ref, dtype, 64, f"{what}: bias grad")
-        assert_close(module.running_mean, mean_ref, dtype, 64, f"{what}: running_mean")
-        assert_close(module.running_var, var_ref, dtype, 64, f"{what}: running_var")
+        _assert_step_matches(module, y, xt.grad,
+                             (y_ref, dx_ref, dg_ref, db_ref, mean_ref, var_ref), dtype, what)
         assert int(module.num_batches_tracked) == seen
         module.zero_grad()
         if r_max == 100.0:  # unclipped: the forward normalizes by the running statistics
