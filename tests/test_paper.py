@@ -203,7 +203,7 @@ def test_bn_calls_are_the_module(embedded):
     """The torch engine's BN forward and backward (the layer's own ops, no autograd) equal
     batchnorm.BatchNorm1d called as a module with autograd, running statistics included."""
     from batchnorm.nn import BatchNorm1d
-    from batchnorm.paper.torch_engine import bn_train_backward, bn_train_forward
+    from batchnorm.paper.torch_engine import bn_state, bn_train_backward, bn_train_forward
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(60, 300, generator=generator) * 3 + 1
     du = torch.randn(60, 300, generator=generator)
@@ -212,8 +212,8 @@ def test_bn_calls_are_the_module(embedded):
         for layer in (ours, module):
             layer.weight.copy_(torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.5)
             layer.bias.copy_(torch.randn(300, generator=torch.Generator().manual_seed(2)))
-    u, mean, invstd = bn_train_forward(ours, z)
-    dz, d_gamma, d_beta = bn_train_backward(ours, du, z, mean, invstd)
+    u, mean, invstd = bn_train_forward(bn_state(ours), z)
+    dz, d_gamma, d_beta = bn_train_backward(bn_state(ours), du, z, mean, invstd)
     z_leaf = z.clone().requires_grad_()
     expected = module(z_leaf)
     expected_grads = torch.autograd.grad(expected, (z_leaf, module.weight, module.bias), du)

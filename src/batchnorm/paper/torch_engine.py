@@ -28,7 +28,7 @@ from batchnorm.nn import BatchNorm1d
 from batchnorm.paper.data import MnistData
 from batchnorm.paper.settings import NETS, Evaluation, InitialWeights, Settings
 
-__all__ = ["TorchEngine", "bn_train_forward", "bn_train_backward"]
+__all__ = ["TorchEngine", "bn_state", "bn_train_forward", "bn_train_backward"]
 
 # dL/dz = dL/da * a * (1 - a) into a given tensor (the out= form of torch's sigmoid backward)
 _sigmoid_backward_into = torch.ops.aten.sigmoid_backward.grad_input
@@ -39,20 +39,27 @@ def _stack(inits: list[InitialWeights], layer: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([init.weights[layer] for init in inits])).float()
 
 
-def bn_train_forward(norm: BatchNorm1d, z: torch.Tensor):
-    """What norm(z) does in training, with its own weight, bias and buffers (running statistics
-    updated in place), as one call of the op its forward ends in: batchnorm::forward_train.
-    Returns (u, mean, invstd) for bn_train_backward. No autograd bookkeeping (at (60, 300) it
-    costs more than the kernels); tests/test_paper.py checks both against norm(z) and autograd."""
-    u, mean, _, invstd, _ = ops.forward_train(
-        z, norm.weight, norm.bias, None, False, norm.eps, norm.running_mean, norm.running_var,
-        norm.num_batches_tracked, norm.momentum)
+def bn_state(norm: BatchNorm1d) -> tuple:
+    """norm's weight, bias, eps, running_mean, running_var, num_batches_tracked and momentum,
+    read once (a Module attribute lookup costs a few us; the tensors are updated in place)."""
+    return (norm.weight, norm.bias, norm.eps, norm.running_mean, norm.running_var,
+            norm.num_batches_tracked, norm.momentum)
+
+
+def bn_train_forward(state: tuple, z: torch.Tensor):
+    """What the layer of `state` (bn_state) does to z in training, running statistics updated in
+    place, as one call of the op its forward ends in: batchnorm::forward_train. Returns (u,
+    mean, invstd) for bn_train_backward. No autograd bookkeeping (at (60, 300) it costs more
+    than the kernels); tests/test_paper.py checks both against the module and autograd."""
+    weight, bias, eps, running_mean, running_var, tracked, momentum = state
+    u, mean, _, invstd, _ = ops.forward_train(z, weight, bias, None, False, eps, running_mean,
+                                              running_var, tracked, momentum)
     return u, mean, invstd
 
 
-def bn_train_backward(norm: BatchNorm1d, du: torch.Tensor, z: torch.Tensor, mean, invstd):
-    """(dL/dz, dL/dgamma, dL/dbeta): the backward of norm(z), batchnorm::backward_train."""
-    dz, sum_du, sum_du_xhat = ops.backward_train(du, z, mean, invstd, norm.weight, None)
+def bn_train_backward(state: tuple, du: torch.Tensor, z: torch.Tensor, mean, invstd):
+    """(dL/dz, dL/dgamma, dL/dbeta): the backward of bn_train_forward, batchnorm::backward_train."""
+    dz, sum_du, sum_du_xhat = ops.backward_train(du, z, mean, invstd, state[0], None)
     return dz, sum_du_xhat, sum_du
 
 
@@ -138,10 +145,7 @@ class TorchEngine:
         self.du_into = self.du_side.view(N, S, C)
         self.a_side_nsc = [a.view(N, S, C) for a in self.a_side]
         self.z_plain_first = self.z_first[..., :C]
-        # the BN layers' tensors, read once (a Module attribute lookup costs a few us)
-        self.norm_state = [(norm.weight, norm.bias, norm.eps, norm.running_mean,
-                            norm.running_var, norm.num_batches_tracked, norm.momentum)
-                           for norm in self.norms]
+        self.norm_state = [bn_state(norm) for norm in self.norms]
         self.details = {"dtype": "float32", "torch": torch.__version__,
                         "bn_kernels": kernels.backend_name(self.x_train),
                         "torch_threads": torch.get_num_threads()}
@@ -188,10 +192,7 @@ class TorchEngine:
             if i > 0:
                 torch.bmm(self.a_bn[i - 1], w["bn"][i - 1], out=self.z_bn)   # (S, 60, 100)
             self.z_into_side[i].copy_(self.z_from[i])                      # -> (60, S * 100)
-            weight, bias, eps, running_mean, running_var, tracked, momentum = self.norm_state[i]
-            u, mean, _, invstd, _ = ops.forward_train(      # S BN layers of 100 as one
-                self.z_side[i], weight, bias, None, False, eps, running_mean, running_var,
-                tracked, momentum)
+            u, mean, invstd = bn_train_forward(self.norm_state[i], self.z_side[i])  # S BNs as one
             torch.sigmoid(u, out=self.a_side[i])
             bn_tape.append((mean, invstd))
         torch.baddbmm(self.b_out["bn"], self.a_bn[-1], w["bn"][-1], out=self.logits_of["bn"])
@@ -221,9 +222,9 @@ class TorchEngine:
                     _sigmoid_backward_into(self.dh_side, self.a_side_nsc[i],
                                            grad_input=self.du_into)
                     mean, invstd = bn_tape[i]
-                    dz_side, sum_du, sum_du_xhat = ops.backward_train(      # back through BN
-                        self.du_side, self.z_side[i], mean, invstd, self.norm_state[i][0], None)
-                    norm_grads[i] = sum_du_xhat, sum_du
+                    dz_side, d_gamma, d_beta = bn_train_backward(          # back through BN
+                        self.norm_state[i], self.du_side, self.z_side[i], mean, invstd)
+                    norm_grads[i] = d_gamma, d_beta
                     dz = self._per_seed(dz_side)                           # (S, 60, 100) view
                     if i == 0:                             # layer 1: both networks at once
                         self.dz_first_halves[1].copy_(dz)
