@@ -82,6 +82,7 @@ def _register_fuse_modules() -> bool:
     except (ImportError, AttributeError):
         return False
     torch_of = {theirs: mine for mine, theirs in _PLAIN.items()}
+    relu_of = {theirs: mine for mine, theirs in _WITH_RELU.items()}
     added = {}
     for types, method in table.items():
         if not callable(method):
@@ -92,8 +93,7 @@ def _register_fuse_modules() -> bool:
                 added[key] = _through_torch(method)
                 # (Conv, BN, ReLU) -> also (Conv, BatchNormReLU): our layer does BN and ReLU.
                 if types[position + 1:] == (torch.nn.ReLU,) and position == 1:
-                    relu_cls = next(c for c, t in _WITH_RELU.items() if t is kind)
-                    added[(types[0], relu_cls)] = _relu_split(method)
+                    added[(types[0], relu_of[kind])] = _relu_split(method)
     for key, method in added.items():
         table.setdefault(key, method)
     return True
