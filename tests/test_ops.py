@@ -62,6 +62,29 @@ def test_stats_are_float32_for_half_inputs():
     assert mean.dtype == torch.float64
 
 
+def test_forward_train_without_a_graph_is_the_same_step():
+    """forward_train's autograd kernel goes straight to the kernel when nothing is differentiated
+    (no_grad, or no input needing a gradient): the same outputs and running statistics as the
+    call that records a node, no node, and a forward-mode tangent is still refused, not dropped."""
+    x = torch.randn(6, 4, dtype=torch.float64) * 3 + 1
+    weight = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64)
+    runs = []
+    for grad in (True, False):
+        buffers = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                   torch.zeros((), dtype=torch.long))
+        with torch.set_grad_enabled(grad):
+            out = ops.forward_train(x, weight, bias, None, False, 1e-5, *buffers, 0.1)
+        assert (out[0].grad_fn is not None) == grad
+        runs.append((*out, *buffers))
+    for recorded, direct in zip(*runs, strict=True):
+        assert torch.equal(recorded.detach(), direct)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with torch.no_grad(), pytest.raises(RuntimeError, match="jvp"):
+            ops.forward_train(dual, None, None, None, False, 1e-5, None, None, None, 0.1)
+
+
 def _compiled_training_matches_eager(momentum):
     torch._dynamo.reset()
     torch.manual_seed(0)

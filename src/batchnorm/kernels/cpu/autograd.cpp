@@ -137,6 +137,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_autograd(
     const OptTensor& residual, bool relu, double eps, const OptTensor& running_mean,
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
     std::optional<double> momentum) {
+  // Nothing to differentiate (no_grad, or no input that requires a gradient or carries a
+  // forward-mode tangent): straight to the kernel, without the node's bookkeeping (allocating
+  // it, saving tensors, wrapping outputs), which costs as much as a small layer's kernels.
+  const bool grad_mode = at::GradMode::is_enabled();
+  const auto tracked = [grad_mode](const OptTensor& t) {
+    return t.has_value() && t->defined() &&
+           ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined());
+  };
+  if (!tracked(input) && !tracked(weight) && !tracked(bias) && !tracked(residual)) {
+    static const auto forward_train = op<ForwardTrain>("batchnorm::forward_train");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_train.call(input, weight, bias, residual, relu, eps, running_mean,
+                              running_var, num_batches_tracked, momentum);
+  }
   auto out = BatchNormTrain::apply(input, weight, bias, residual, relu, eps, running_mean,
                                    running_var, num_batches_tracked, momentum);
   return {out[0], out[1], out[2], out[3], out[4]};
