@@ -490,3 +490,19 @@ def test_bad_seeds_rejected(capsys):
     from batchnorm.cli import main
     assert main(["paper", "--seeds", "0", "--quiet"]) == 2
     assert "seeds must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["off", "on"])
+def test_torch_training_flushes_denormals_and_restores(before):
+    """The torch engine trains with denormals flushed (the BN network's softmax underflows into
+    them and slows the matmuls); the mode the caller had is restored after, whatever it was."""
+    from batchnorm.paper.torch_engine import denormals_flushed
+    tiny = torch.finfo(torch.float32).tiny
+    torch.set_flush_denormal(before)
+    try:
+        with denormals_flushed():
+            assert torch.tensor(tiny / 4).item() == 0.0
+            assert (torch.tensor([tiny]) / 4).item() == 0.0
+        assert (torch.tensor(tiny / 4).item() == 0.0) == before
+    finally:
+        torch.set_flush_denormal(False)

@@ -16,6 +16,7 @@ The settings and the types an engine takes and returns are in batchnorm.paper.se
     engine.step(batch: np.ndarray)        one SGD step of every network; batch (S, 60) indices
     engine.evaluate() -> list[Evaluation] per seed: test accuracies, the tracked sigmoid's inputs
     engine.details: dict                  dtype, library versions, kernels (for the JSON)
+    engine.float_mode()                   a context: the floating-point environment to train in
 """
 
 import sys
@@ -143,29 +144,30 @@ def run_experiment(data: MnistData, settings: Settings, progress: bool = True,
         for history, evaluation in zip(histories, engine.evaluate(), strict=True):
             history.record(step, evaluation, settings.percentiles)
 
-    record(0)
-    bar = ProgressBar(settings.steps) if progress else None
-    orders = [BatchOrder(len(data.y_train), settings.batch_size, seed) for seed in seeds]
-    start = time.perf_counter()
-    step, step_seconds = 0, 0.0        # step_seconds: the SGD steps alone, no evaluations
-    bound_bursts: list[float] | None = (
-        [] if measure_bound and hasattr(engine, "matmul_seconds_per_step") else None)
-    while step < settings.steps:
-        # the batches up to the next evaluation, (k, S, batch_size): seed s's own order in [:, s]
-        k = min(settings.eval_every - step % settings.eval_every, settings.steps - step)
-        batches = np.stack([order.take(k) for order in orders], axis=1)
-        began = time.perf_counter()
-        for batch in batches:
-            engine.step(batch)
-        step_seconds += time.perf_counter() - began
-        step += k
-        record(step)
-        if bound_bursts is not None:
-            bound_bursts.append(engine.matmul_seconds_per_step(BOUND_BURST))
-        if bar is not None:
-            plain = np.mean([h.accuracy_plain[-1] for h in histories])
-            bn = np.mean([h.accuracy_bn[-1] for h in histories])
-            bar.update(step, f"test acc {plain:.3f} plain, {bn:.3f} BN (mean of {len(seeds)}),")
+    with engine.float_mode():      # the engine's floating-point environment (torch: FTZ)
+        record(0)
+        bar = ProgressBar(settings.steps) if progress else None
+        orders = [BatchOrder(len(data.y_train), settings.batch_size, seed) for seed in seeds]
+        start = time.perf_counter()
+        step, step_seconds = 0, 0.0        # step_seconds: the SGD steps alone, no evaluations
+        bound_bursts: list[float] | None = (
+            [] if measure_bound and hasattr(engine, "matmul_seconds_per_step") else None)
+        while step < settings.steps:
+            # the batches up to the next evaluation, (k, S, batch_size): seed s's order in [:, s]
+            k = min(settings.eval_every - step % settings.eval_every, settings.steps - step)
+            batches = np.stack([order.take(k) for order in orders], axis=1)
+            began = time.perf_counter()
+            for batch in batches:
+                engine.step(batch)
+            step_seconds += time.perf_counter() - began
+            step += k
+            record(step)
+            if bound_bursts is not None:
+                bound_bursts.append(engine.matmul_seconds_per_step(BOUND_BURST))
+            if bar is not None:
+                plain = np.mean([h.accuracy_plain[-1] for h in histories])
+                bn = np.mean([h.accuracy_bn[-1] for h in histories])
+                bar.update(step, f"test acc {plain:.3f} plain, {bn:.3f} BN (mean of {len(seeds)}),")
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
