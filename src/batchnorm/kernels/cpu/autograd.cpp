@@ -43,6 +43,18 @@ using BackwardElemt = Tensor(const Tensor&, const Tensor&, const Tensor&, const 
 
 OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// forward_train's kernel for the input's device, dispatched below the Autograd key.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_below_autograd(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& residual, bool relu, double eps, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    std::optional<double> momentum) {
+  static const auto forward_train = op<ForwardTrain>("batchnorm::forward_train");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return forward_train.call(input, weight, bias, residual, relu, eps, running_mean, running_var,
+                            num_batches_tracked, momentum);
+}
+
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const OptTensor& weight, const OptTensor& bias,
@@ -50,15 +62,11 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
                                const OptTensor& running_mean, const OptTensor& running_var,
                                const OptTensor& num_batches_tracked,
                                std::optional<double> momentum) {
-    static const auto forward_train = op<ForwardTrain>("batchnorm::forward_train");
     ctx->set_materialize_grads(false);  // no zero-filled grads for mean, m2, invstd, finite
     Tensor output, mean, m2, invstd, finite;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, mean, m2, invstd, finite) =
-          forward_train.call(input, weight, bias, residual, relu, eps, running_mean,
-                             running_var, num_batches_tracked, momentum);
-    }
+    std::tie(output, mean, m2, invstd, finite) =
+        forward_train_below_autograd(input, weight, bias, residual, relu, eps, running_mean,
+                                     running_var, num_batches_tracked, momentum);
     const bool has_weight = weight.has_value() && weight->defined();
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->save_for_backward({input, has_weight ? *weight : Tensor(), mean, invstd,
@@ -140,16 +148,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_autograd(
   // Nothing to differentiate (no_grad, or no input that requires a gradient or carries a
   // forward-mode tangent): straight to the kernel, without the node's bookkeeping (allocating
   // it, saving tensors, wrapping outputs), which costs as much as a small layer's kernels.
+  // Tangents live at level 0: torch does not nest forward-AD levels (torch.func's jvp is
+  // handled above the op, by functional.py).
   const bool grad_mode = at::GradMode::is_enabled();
   const auto tracked = [grad_mode](const OptTensor& t) {
     return t.has_value() && t->defined() &&
            ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined());
   };
   if (!tracked(input) && !tracked(weight) && !tracked(bias) && !tracked(residual)) {
-    static const auto forward_train = op<ForwardTrain>("batchnorm::forward_train");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_train.call(input, weight, bias, residual, relu, eps, running_mean,
-                              running_var, num_batches_tracked, momentum);
+    return forward_train_below_autograd(input, weight, bias, residual, relu, eps, running_mean,
+                                        running_var, num_batches_tracked, momentum);
   }
   auto out = BatchNormTrain::apply(input, weight, bias, residual, relu, eps, running_mean,
                                    running_var, num_batches_tracked, momentum);
