@@ -12,6 +12,7 @@ from batchnorm.tools import diagnose, recalibrate
 from tests.zoo import ZOO
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
+TOL = TOLERANCES[torch.float64]
 
 
 def _net():
@@ -57,8 +58,8 @@ def test_recalibrate_is_the_pooled_mean_and_unbiased_variance():
     assert report.samples["1"] == 10 * 6 * 6
     assert [name for name, _ in report.skipped] == ["7"]
     for bn, (mean, var) in zip((model[1], model[4]), expected, strict=True):
-        torch.testing.assert_close(bn.running_mean, mean, **TOLERANCES[torch.float64])
-        torch.testing.assert_close(bn.running_var, var, **TOLERANCES[torch.float64])
+        torch.testing.assert_close(bn.running_mean, mean, **TOL)
+        torch.testing.assert_close(bn.running_var, var, **TOL)
     assert model[1].momentum == 0.3 and model[4].momentum is None
     assert not model.training and not any(m.training for m in model.modules())
     assert torch.equal(model[1].num_batches_tracked, tracked[0])
@@ -73,9 +74,9 @@ def test_recalibrate_does_not_depend_on_how_the_first_layer_batches_are_split():
     recalibrate(model_a, batches)
     recalibrate(model_b, [torch.cat(batches)])
     torch.testing.assert_close(model_a[1].running_var, model_b[1].running_var,
-                               **TOLERANCES[torch.float64])
+                               **TOL)
     torch.testing.assert_close(model_a[1].running_mean, model_b[1].running_mean,
-                               **TOLERANCES[torch.float64])
+                               **TOL)
 
 
 def test_recalibrate_needs_batches():
@@ -92,6 +93,7 @@ def test_diagnose_flags_stale_statistics_and_clears_recalibrated_ones():
     assert [d.flagged for d in report.layers] == [False, True]
     assert report.layers[0].num_batches_tracked == 0 and report.layers[0].why == ""
     assert report.layers[1].why.startswith("never updated") and "variance" in report.layers[1].why
+    assert report.layers[1].cause == "initial"
     assert "The first to run is 4:" in report.summary and "recalibrate" in report.summary
     assert [name for name, _ in report.not_checked] == ["7"]
     # recalibrated on one large batch, in eval mode each layer sees what it was calibrated on
@@ -141,4 +143,80 @@ def test_a_zero_counter_alone_does_not_flag_a_layer():
     with torch.no_grad():
         model[0].running_mean.add_(5.0)
     layer = diagnose(model, data).layers[0]
-    assert layer.flagged and layer.why.startswith("never updated") and "mean off" in layer.why
+    # statistics that are not the initial (0, 1) were set by someone: not "never updated"
+    assert layer.flagged and layer.cause == "data" and "never updated" not in layer.why
+    assert "mean off" in layer.why
+
+
+# ---- diagnose after recalibrate: inputs that differ between training and eval mode -----------
+
+class _ModesDiffer(nn.Module):
+    """A LeViT-like stack in miniature: BN over tokens after a transpose, then dropout or a BN
+    whose batch statistics vary from batch to batch, then more BN layers."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(dropout)
+        self.fc2, self.bn2 = nn.Linear(8, 8, bias=False), batchnorm.BatchNorm1d(8)
+
+    def forward(self, x):  # (N, L, 6)
+        h = self.bn1(self.fc1(x).transpose(1, 2)).transpose(1, 2)  # BN over tokens: (N, 8, L)
+        h = self.drop(F.relu(h))
+        return self.bn2(self.fc2(h).transpose(1, 2))
+
+
+def _token_batches(spread: float):
+    # each batch's mean moves by up to `spread`: per-batch normalization differs from pooled
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(4, 5, 6, generator=g, dtype=torch.float64) + spread * (i - 1.5)
+            for i in range(4)]
+
+
+@pytest.mark.parametrize("dropout, spread, upstream", [
+    (0.7, 0.0, "dropout drop (p=0.7)"),     # dropout before bn2: its variance differs in eval
+    (0.0, 4.0, "1 BN layer (bn1)"),         # bn1 normalizes each batch by its own mean
+])
+def test_diagnose_after_recalibrate_names_the_mode_difference_not_recalibrate(
+        dropout, spread, upstream):
+    torch.manual_seed(0)
+    model = _ModesDiffer(dropout).double()
+    batches = _token_batches(spread)
+    recalibrate(model, batches)
+    report = diagnose(model, batches)
+    flagged = [d for d in report.layers if d.flagged]
+    assert [d.name for d in flagged] == ["bn2"], report.table()
+    assert flagged[0].cause == "modes" and "never updated" not in report.summary
+    assert "differs between training and eval mode" in flagged[0].why
+    assert upstream in report.summary, report.summary
+    # never the step just taken: plain recalibrate is named only as what would not help
+    assert "would not change this" in report.summary
+    assert 'recalibrate(model, batches, mode="eval")' in report.summary
+    assert "re-estimate the statistics" not in report.summary
+    # the remedy it names fits every layer's statistics to its eval-mode input
+    recalibrate(model, batches, mode="eval")
+    after = diagnose(model, batches)
+    assert not any(d.flagged for d in after.layers), after.table()
+    assert "describe these batches" in after.summary
+
+
+def test_recalibrate_in_eval_mode_is_each_layers_pooled_eval_input():
+    torch.manual_seed(0)
+    model = _ModesDiffer(0.5).double()
+    batches = _token_batches(4.0)
+    report = recalibrate(model, batches, mode="eval")
+    assert report.layers == ["bn1", "bn2"]
+    # by hand: bn1's statistics from its input, then bn2's input with bn1 in eval mode using them
+    model.eval()
+    with torch.no_grad():
+        h1 = [model.fc1(x).transpose(1, 2) for x in batches]  # (N, 8, L)
+        flat1 = torch.cat([h.transpose(0, 1).reshape(8, -1) for h in h1], 1)
+        torch.testing.assert_close(model.bn1.running_mean, flat1.mean(1), **TOL)
+        torch.testing.assert_close(model.bn1.running_var, flat1.var(1), **TOL)
+        h2 = [model.fc2(F.relu(model.bn1(h).transpose(1, 2))).transpose(1, 2) for h in h1]
+        flat2 = torch.cat([h.transpose(0, 1).reshape(8, -1) for h in h2], 1)
+        torch.testing.assert_close(model.bn2.running_mean, flat2.mean(1), **TOL)
+        torch.testing.assert_close(model.bn2.running_var, flat2.var(1), **TOL)
+    assert all(int(m.num_batches_tracked) == 0 for m in (model.bn1, model.bn2))
+    with pytest.raises(ValueError, match="'train' or 'eval'"):
+        recalibrate(model, batches, mode="inference")

@@ -1,7 +1,9 @@
 """Model tools around batch norm, on torch.fx graphs.
 
     weights     pure tensor functions: bn_scale_shift, fold_bn_weights, fold_bn_into_next_weights
-    tracing     trace (TraceError when torch.fx cannot), traced_copy, the shared graph queries
+    capture     the graph captures, tried in order: torch.fx symbolic tracing, then torch.fx with
+                the example's concrete shapes; each graph checked against the model's outputs
+    tracing     trace (TraceError when no capture can), traced_copy, the shared graph queries
     biases      find_redundant_biases: the proof that a BN cancels a producer's bias
     folding     plan_folds: which BNs fold into a neighbouring Conv/Linear in eval mode
     surgery     strip_redundant_biases, fold_bn, inspect_model (each on a deep copy, with a report)

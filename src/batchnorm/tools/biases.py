@@ -55,7 +55,7 @@ from batchnorm.tools.tracing import (
     value_users,
 )
 
-__all__ = ["RedundantBias", "find_redundant_biases"]
+__all__ = ["RedundantBias", "find_redundant_biases", "commuting_kind"]
 
 _AFFINE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample,
@@ -145,7 +145,7 @@ def _apply(traced: Traced, node: fx.Node, chain: fx.Node, field: Tensor,
     return getattr(args[0], str(node.target))(*args[1:], **kwargs)  # call_method: a name
 
 
-def _commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
+def commuting_kind(traced: Traced, node: fx.Node) -> tuple[str | None, int]:
     """('affine', 0), ('join', 0), ('scale', 0), ('max', pooled trailing dims) or (None, 0) for
     a node on the bias's path."""
     if node.op == "call_module":
@@ -254,7 +254,7 @@ def _walk_to_bn(traced: Traced, start: fx.Node, fields: dict[str, Tensor],
             return user, through, joins, fields
         if user.op == "call_function" and user.target is F.batch_norm:
             return "reaches a functional batch_norm; strip-bias handles BN modules only"
-        kind, pooled = _commuting_kind(traced, user)
+        kind, pooled = commuting_kind(traced, user)
         if kind is None:
             return (f"{traced.name(user)} lies between and does not commute with adding a "
                     f"per-channel constant")

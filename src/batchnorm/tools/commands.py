@@ -82,7 +82,8 @@ def _slices(channels: list[int]) -> str:
 
 def format_inspection(inspection) -> str:
     columns = [("bn", "BN layer"), ("type", "type"), ("channels", "C"), ("stats", "eval stats"),
-               ("batches", "tracked"), ("redundant_bias", "bias it cancels"), ("fold", "fold")]
+               ("batches", "tracked"), ("redundant_bias", "bias it cancels (strip)"),
+               ("fold", "fold")]
     rows = [[str(row[key]) for key, _ in columns] for row in inspection.rows]
     widths = [max([len(title)] + [len(r[i]) for r in rows]) for i, (_, title) in enumerate(columns)]
     widths[-1] = len(columns[-1][1])  # the last column runs free
@@ -90,6 +91,7 @@ def format_inspection(inspection) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
               for r in rows]
     p = inspection.parameters
+    lines = [f"graph: {inspection.capture_summary()}", ""] + lines
     lines += [
         "",
         f"{len(inspection.rows)} BN layers; {len(inspection.redundant)} redundant biases; "
@@ -104,6 +106,8 @@ def format_inspection(inspection) -> str:
               f"{_slices(r.channels)} of {r.channel_bias.numel()}"
               for r in inspection.redundant if r.joins]
     lines += [f"biases kept: {layer}: {why}" for layer, why in inspection.kept_biases]
+    if inspection.strip_error:
+        lines.append(f"strip-bias: {inspection.strip_error}")
     return "\n".join(lines)
 
 

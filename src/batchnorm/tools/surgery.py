@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.nn import fuses_relu
-from batchnorm.tools.biases import RedundantBias, find_redundant_biases
+from batchnorm.tools.biases import RedundantBias, commuting_kind, find_redundant_biases
+from batchnorm.tools.capture import CONCRETE, TraceError, call
 from batchnorm.tools.folding import FoldPlan, functional_bn_args, plan_folds
 from batchnorm.tools.tracing import (
     CONV_TRANSPOSES,
-    as_tuple,
+    Traced,
     bn_input,
     is_producer,
     trace,
@@ -41,7 +42,7 @@ def _run(model: nn.Module, example_inputs: Any, training: bool) -> Any:
     model.train(training)
     try:
         with torch.no_grad():
-            return model(*as_tuple(example_inputs))
+            return call(model, example_inputs)
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -63,6 +64,17 @@ def max_output_difference(a: nn.Module, b: nn.Module, example_inputs: Any,
     diffs = [(x.double() - y.double()).abs().max().item() for x, y in zip(out_a, out_b, strict=True)
              if isinstance(x, Tensor) and x.numel()]
     return max(diffs, default=0.0)
+
+
+def _describe_captures(captures: dict[str, str]) -> str:
+    """'torch.fx symbolic' or 'training: torch.fx concrete, eval: torch.fx symbolic', plus
+    what a concrete capture means for the result."""
+    names = set(captures.values())
+    text = (names.pop() if len(names) == 1 else
+            ", ".join(f"{mode}: {name}" for mode, name in captures.items()))
+    if any(name == CONCRETE for name in captures.values()):
+        text += " (specialized to the example input's shapes: proven for inputs of those shapes)"
+    return text
 
 
 def _count_parameters(model: nn.Module) -> int:
@@ -89,11 +101,13 @@ class StripReport:
     parameters_removed: int
     max_abs_diff: float  # eval mode
     max_abs_diff_train: float  # training mode (batch statistics), on copies
+    captures: dict[str, str] = dataclasses.field(default_factory=dict)  # mode -> capture used
 
     def summary(self) -> str:
         lines = [f"removed {len(self.removed)} redundant biases ({self.parameters_removed} "
                  f"parameters); max output difference in eval {self.max_abs_diff:.3g}, in "
                  f"training {self.max_abs_diff_train:.3g}"]
+        lines += [f"  graph: {_describe_captures(self.captures)}"] if self.captures else []
         lines += [f"  {r.layer}.bias -> {r.bn}.running_mean"
                   + (f" (through {', '.join(r.through)})" if r.through else "")
                   for r in self.removed]
@@ -102,12 +116,15 @@ class StripReport:
 
 
 def analyse_biases(model: nn.Module, example_inputs: Any):
-    """Redundant biases proven in both the training-mode and the eval-mode trace.
+    """Redundant biases proven in both the training-mode and the eval-mode graph, the biases
+    kept with why, and {mode: capture used}.
 
     A forward may branch on self.training, so a bias counts only when both graphs prove it.
     """
-    found_train, skipped_train = find_redundant_biases(traced_copy(model, example_inputs, True))
-    found_eval, skipped_eval = find_redundant_biases(traced_copy(model, example_inputs, False))
+    traced_train = traced_copy(model, example_inputs, True)
+    traced_eval = traced_copy(model, example_inputs, False)
+    found_train, skipped_train = find_redundant_biases(traced_train)
+    found_eval, skipped_eval = find_redundant_biases(traced_eval)
     in_train = {(f.layer, f.bn): f for f in found_train}
     found, skipped = [], dict(skipped_eval)
     for f in found_eval:
@@ -117,7 +134,8 @@ def analyse_biases(model: nn.Module, example_inputs: Any):
         else:
             skipped.setdefault(f.layer, dict(skipped_train).get(
                 f.layer, "redundant in the eval-mode graph but not in the training-mode one"))
-    return found, sorted(skipped.items())
+    captures = {"training": traced_train.capture, "eval": traced_eval.capture}
+    return found, sorted(skipped.items()), captures
 
 
 def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, StripReport]:
@@ -130,7 +148,7 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
     updates keep the offset (see weights.absorb_bias). The gradients of every remaining
     parameter are those of the original. The copy keeps the model's class and mode.
     """
-    found, skipped = analyse_biases(model, example_inputs)
+    found, skipped, captures = analyse_biases(model, example_inputs)
     stripped = copy.deepcopy(model)
     arriving: dict[str, Tensor] = {}  # per BN, the sum of the constants its input loses
     for f in found:
@@ -143,7 +161,8 @@ def strip_redundant_biases(model: nn.Module, example_inputs: Any) -> tuple[nn.Mo
             bn.running_mean = absorb_bias(running_mean, channel_bias)
     report = StripReport(found, skipped, sum(f.parameters for f in found),
                          max_output_difference(model, stripped, example_inputs),
-                         max_output_difference(model, stripped, example_inputs, training=True))
+                         max_output_difference(model, stripped, example_inputs, training=True),
+                         captures)
     return stripped, report
 
 
@@ -183,11 +202,13 @@ class FoldReport:
     state_before: int  # numbers in the state_dict (parameters and buffers)
     state_after: int
     graph_module: bool  # True when a functional batch_norm was folded (the result is a GraphModule)
+    capture: str = ""  # which capture made the eval-mode graph
 
     def summary(self) -> str:
         lines = [f"folded {len(self.folded)} batch norms; parameters {self.parameters_before} -> "
                  f"{self.parameters_after}, state_dict numbers {self.state_before} -> "
                  f"{self.state_after}; max output difference in eval {self.max_abs_diff:.3g}"]
+        lines += [f"  graph: {_describe_captures({'eval': self.capture})}"] if self.capture else []
         lines += [f"  {p.bn} {p.direction} {p.layer}" for p in self.folded]
         lines += [f"  kept {bn}: {reason}" for bn, reason in self.skipped]
         return "\n".join(lines)
@@ -238,18 +259,27 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
     result is a torch.fx.GraphModule, otherwise the model's own class. The model passed in is
     left untouched.
     """
-    folded = copy.deepcopy(model).eval()
-    traced = trace(folded, example_inputs)
+    traced = trace(copy.deepcopy(model).eval(), example_inputs)
     gm = traced.graph_module
     plans, skipped = plan_folds(traced)
+    if traced.shape_specialized:  # an F.batch_norm fold returns the graph itself
+        skipped += [(p.bn, f"functional batch_norm: folding it rewrites the graph, and this "
+                           f"graph ({traced.capture}) holds for the example's shapes only")
+                    for p in plans if p.functional]
+        plans = [p for p in plans if not p.functional]
+    # Module surgery goes to a copy no trace has run (tracing runs the model's Python, which may
+    # leave state behind: a cache of attention biases, say), unless an F.batch_norm is folded:
+    # then the result is the graph module, whose modules are the traced copy's.
+    functional = any(p.functional for p in plans)
+    folded = traced.model if functional else copy.deepcopy(model).eval()
     nodes = {n.name: n for n in gm.graph.nodes}
     by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     graph_changed, erased_attributes = False, set()
     for plan in plans:
         node = nodes[plan.bn] if plan.functional else by_target[plan.bn]
-        bn = None if plan.functional else gm.get_submodule(plan.bn)
+        bn = None if plan.functional else folded.get_submodule(plan.bn)
         mean, var, eps, gamma, beta = _bn_tensors(gm, node, bn)
-        layer = gm.get_submodule(plan.layer)
+        layer = folded.get_submodule(plan.layer)
         assert is_producer(layer), "plan_folds folds into Conv/ConvTranspose/Linear only"
         groups = getattr(layer, "groups", 1)
         if plan.direction == "into previous":
@@ -272,7 +302,8 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
             assert bn is not None
             remnant = _remnant(bn, node)
             _set_submodule(folded, plan.bn, remnant)
-            _set_submodule(gm, plan.bn, remnant)
+            if functional:
+                _set_submodule(gm, plan.bn, remnant)
     result: nn.Module = folded
     if graph_changed:
         gm.graph.eliminate_dead_code()
@@ -282,7 +313,7 @@ def fold_bn(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FoldRepor
     result.eval()  # the remnants (and a GraphModule) are new modules, built in training mode
     report = FoldReport(plans, skipped, max_output_difference(model, result, example_inputs),
                         _count_parameters(model), _count_parameters(result), _count_state(model),
-                        _count_state(result), graph_changed)
+                        _count_state(result), graph_changed, traced.capture)
     return result, report
 
 
@@ -301,15 +332,54 @@ class Inspection:
     parameters_saved_by_strip: int
     parameters_saved_by_fold: int
     state_saved_by_fold: int
+    captures: dict[str, str] = dataclasses.field(default_factory=dict)  # mode -> capture used
+    strip_error: str | None = None  # why no bias could be analysed (no training-mode graph)
+
+    def capture_summary(self) -> str:
+        return _describe_captures(self.captures)
+
+
+def _strip_reason(traced: Traced, node: fx.Node, kept: dict[str, str]) -> str:
+    """Why no bias is stripped into the BN at node: walk its input back through operations a
+    per-channel constant passes (views, pools, ...) to the layer that produced it."""
+    source = bn_input(node)
+    while source is not None:
+        module = traced.module(source)
+        if is_producer(module):
+            name = str(source.target)
+            if module.bias is None:
+                return f"{name} ({type(module).__name__}) before it has no bias"
+            return f"{name}.bias kept: {kept.get(name, 'not proven redundant in both modes')}"
+        kind, _ = commuting_kind(traced, source)
+        if kind not in ("affine", "max") or not source.args:
+            break
+        first = source.args[0]
+        if not isinstance(first, fx.Node):
+            break
+        source = first
+    where = traced.name(source) if source is not None else "a non-tensor argument"
+    return f"its input comes from {where}, not from a Conv/ConvTranspose/Linear with a bias"
 
 
 def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
-    """Everything the tools would do to model, without doing it (fold and strip run on copies)."""
-    redundant, kept = analyse_biases(model, example_inputs)
+    """Everything the tools would do to model, without doing it (fold and strip run on copies).
+
+    Each BN's row says why it can or cannot fold, and which biases it cancels or why none is
+    stripped. When only the training-mode graph cannot be captured (the model draws random
+    numbers in Python in training mode, say), folds are still reported and strip_error says
+    why no bias was analysed.
+    """
     traced = traced_copy(model, example_inputs, False)
+    strip_error = None
+    try:
+        redundant, kept, captures = analyse_biases(model, example_inputs)
+    except TraceError as exc:
+        redundant, kept, captures = [], [], {"eval": traced.capture}
+        strip_error = f"no training-mode graph, so no bias can be proven redundant: {exc}"
     _, fold_report = fold_bn(model, example_inputs)
     fold_of = {p.bn: p for p in fold_report.folded}
     skip_of = dict(fold_report.skipped)
+    kept_of = dict(kept)
     bias_of: dict[str, list[str]] = {}
     for r in redundant:  # several per BN when they meet it through cat / add
         bias_of.setdefault(r.bn, []).append(r.layer)
@@ -330,12 +400,20 @@ def inspect_model(model: nn.Module, example_inputs: Any) -> Inspection:
         else:
             continue
         plan = fold_of.get(name)
+        if name in bias_of:
+            strip = ", ".join(bias_of[name])
+        elif strip_error is not None:
+            strip = "no: no training-mode graph (see below)"
+        elif kind == "F.batch_norm":
+            strip = "no: strip-bias handles BN modules only"
+        else:
+            strip = f"no: {_strip_reason(traced, node, kept_of)}"
         rows.append({"bn": name, "type": kind, "channels": channels, "eps": eps, "affine": affine,
                      "stats": stats, "batches": tracked,
                      "fold": f"{plan.direction} {plan.layer}" if plan else
                              f"no: {skip_of.get(name, '?')}",
-                     "redundant_bias": ", ".join(bias_of.get(name, ["-"]))})
+                     "redundant_bias": strip})
     return Inspection(rows, redundant, kept, fold_report.folded, fold_report.skipped,
                       fold_report.parameters_before, sum(r.parameters for r in redundant),
                       fold_report.parameters_before - fold_report.parameters_after,
-                      fold_report.state_before - fold_report.state_after)
+                      fold_report.state_before - fold_report.state_after, captures, strip_error)

@@ -1,10 +1,11 @@
-"""Tracing a model with torch.fx, and the graph queries the tools share.
+"""The captured graph of a model, and the graph queries the tools share.
 
-trace() turns a model into an fx graph (every batch-norm module a leaf) and records what each node
-produced on an example input; a model torch.fx cannot trace gets a TraceError naming the module
-where it failed, never a guess from module order. The queries below answer what both the
-redundant-bias proof (biases.py) and the fold planning (folding.py) ask of a node: who reads its
-values, which module it calls, whether that module is shared, hooked or tied to another.
+trace() captures a model as an fx graph (capture.py: torch.fx symbolic tracing, else torch.fx
+with the example's concrete shapes; every batch-norm module a leaf) and records what each node
+produced on an example input; a model no capture can handle gets a TraceError naming what
+failed, never a guess from module order. The queries below answer what both the redundant-bias
+proof (biases.py) and the fold planning (folding.py) ask of a node: who reads its values, which
+module it calls, whether that module is shared, hooked or tied to another.
 """
 
 import builtins
@@ -14,27 +15,19 @@ from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["TraceError", "Traced", "trace", "traced_copy", "PRODUCERS"]
+from batchnorm.tools.capture import SYMBOLIC, TensorRecord, TraceError, capture
+
+__all__ = ["TraceError", "Traced", "trace", "traced_copy", "PRODUCERS", "TensorRecord"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 PRODUCERS = CONVS + CONV_TRANSPOSES + (nn.Linear,)
 _SHAPE_METHODS = {"size", "dim"}  # users that read only the shape, not the values
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
-
-
-class TraceError(RuntimeError):
-    """torch.fx could not turn the model into a graph, or the graph could not run on the input."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRecord:
-    shape: torch.Size
-    dtype: torch.dtype
 
 
 @dataclasses.dataclass
@@ -45,6 +38,13 @@ class Traced:
     graph_module: fx.GraphModule
     values: dict[fx.Node, Any]  # tensors as TensorRecord (shape, dtype), everything else as is
     calls: dict[int, int]  # id(module) -> number of call_module nodes calling it
+    capture: str = SYMBOLIC  # which capture made the graph (capture.SYMBOLIC / CONCRETE)
+    attempts: list[str] = dataclasses.field(default_factory=list)  # captures that failed first
+
+    @property
+    def shape_specialized(self) -> bool:
+        """Whether the graph holds for the example's shapes only (not symbolic tracing)."""
+        return self.capture != SYMBOLIC
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
@@ -70,75 +70,25 @@ class Traced:
         return shape
 
 
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer with every batch-norm module a leaf, and a record of where it failed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.failed_in: list[str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(f"{self.path_of_module(m) or '(root)'} ({type(m).__name__})")
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = list(self.stack)
-            raise
-        finally:
-            self.stack.pop()
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except Exception as exc:
-            raise TraceError(f"the traced graph failed at node {n.name} ({n.op} {n.target}) on "
-                             f"the example input: {type(exc).__name__}: {exc}") from exc
-        self.values[n] = TensorRecord(out.shape, out.dtype) if isinstance(out, Tensor) else out
-        return out
-
-
 def as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
 def trace(model: nn.Module, example_inputs: Any) -> Traced:
-    """Trace model with torch.fx (BN modules as leaves) and run the graph once on example_inputs.
+    """Capture model as an fx graph (BN modules as leaves) and run the graph on example_inputs.
 
-    The run is under no_grad, but a BN in training mode updates its buffers: pass a copy when that
-    matters (the public tools do). Raises TraceError naming the module where tracing failed.
+    example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. The run
+    is under no_grad, but a BN in training mode updates its buffers: pass a copy when that
+    matters (the public tools do). Raises TraceError naming what failed in each capture.
     """
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = " -> ".join(tracer.failed_in or [f"(root) ({type(model).__name__})"])
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}; it failed inside {where}: "
-            f"{type(exc).__name__}: {exc}. The tools only act on what the graph proves; make "
-            f"that code traceable (no Python control flow on tensor values) or wrap it in a "
-            f"leaf module"
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(*as_tuple(example_inputs))
+    captured = capture(model, example_inputs)
+    gm = captured.graph_module
     calls: dict[int, int] = {}
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         if node.op == "call_module":
             key = id(gm.get_submodule(node.target))
             calls[key] = calls.get(key, 0) + 1
-    return Traced(model, gm, recorder.values, calls)
+    return Traced(model, gm, captured.values, calls, captured.name, captured.attempts)
 
 
 def traced_copy(model: nn.Module, example_inputs: Any, training: bool) -> Traced:
