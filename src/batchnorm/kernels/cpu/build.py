@@ -146,7 +146,7 @@ def _build_locked(directory: Path, expected: dict[str, str], compiler: str) -> P
         print(f" failed after {seconds:.1f} s", file=sys.stderr, flush=True)
         log = directory / "build.log"
         log.write_text(f"{type(error).__name__}: {error}\n")
-        cause = f"{_cause(error).rstrip(".")} (compiler: {os.environ.get('CXX', 'c++')})"
+        cause = f"{_cause(error).rstrip('.')} (compiler: {os.environ.get('CXX', 'c++')})"
         (directory / "failed.json").write_text(json.dumps({"compiler": compiler,
                                                            "cause": cause}))
         raise Unavailable(f"compiling them failed: {cause} (log: {log})", COMPILER_HINT) from None
