@@ -78,7 +78,11 @@ def find() -> ModuleType:
                           f"{os.environ[BUILD_ENV]} turns off compiling them on first use",
                           f"Unset {BUILD_ENV} to compile them once into {directory}, "
                           f"{INSTALL_HINT}")
-    return _import(build(directory, expected))
+    try:
+        return _import(build(directory, expected))
+    except OSError as unwritable:  # the cache directory or its lock
+        raise Unavailable(f"the cache {directory} cannot be written ({unwritable})",
+                          f"Set {CACHE_ENV} to a directory of your own, {INSTALL_HINT}") from None
 
 
 def cache_directory(expected: dict[str, str]) -> Path:
@@ -109,12 +113,11 @@ def build(directory: Path, expected: dict[str, str]) -> Path:
             return built
         compiler = _compiler()
         failed = directory / "failed.json"
-        if failed.exists():
-            earlier = json.loads(failed.read_text())
-            if earlier["compiler"] == compiler:
-                raise Unavailable(f"compiling them failed before with the same compiler: "
-                                  f"{earlier['cause']} (log: {directory / 'build.log'})",
-                                  COMPILER_HINT)
+        earlier = _read_json(failed)
+        if earlier is not None and earlier.get("compiler") == compiler:
+            raise Unavailable(f"compiling them failed before with the same compiler: "
+                              f"{earlier.get('cause')} (log: {directory / 'build.log'})",
+                              COMPILER_HINT)
         return _build_locked(directory, expected, compiler)
     finally:
         lock.release()
@@ -178,16 +181,21 @@ def _built(directory: Path, expected: dict[str, str],
            keys: tuple[str, ...] = ("torch", "capability", "sources")) -> Path | None:
     """The extension in directory if its stamp says it was built for `expected` (the installed
     one may have been built for less than this processor has: the extension checks that)."""
-    try:
-        stamp = json.loads((directory / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    if any(stamp.get(key) != expected[key] for key in keys):
+    stamp = _read_json(directory / STAMP)
+    if stamp is None or any(stamp.get(key) != expected[key] for key in keys):
         return None
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         if (directory / f"_C{suffix}").exists():
             return directory / f"_C{suffix}"
     return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def _import(path: Path) -> ModuleType:
