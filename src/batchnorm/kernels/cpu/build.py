@@ -138,13 +138,15 @@ def _build_locked(directory: Path, expected: dict[str, str], compiler: str) -> P
     except (ImportError, AttributeError):
         pass  # a ninja on PATH, or torch says that there is none
     try:
+        # is_python_module=False: torch builds it (and dlopens it, harmlessly: nothing registers
+        # before register_kernels()); _import loads it under its package's name
         with _quiet(cpp_extension):  # torch's notes on the compiler: the cause says it
             cpp_extension.load(
                 "_C", [str(s) for s in compile_flags.sources()],
                 extra_cflags=compile_flags.compile_args(expected["capability"]),
                 extra_ldflags=compile_flags.link_args(), build_directory=str(directory),
                 is_python_module=False)
-    except Exception as error:  # noqa: BLE001 - any failure of the build leaves torch's kernels
+    except Exception as error:  # any failure of the build leaves torch's operations serving
         seconds = time.perf_counter() - start
         print(f" failed after {seconds:.1f} s", file=sys.stderr, flush=True)
         log = directory / "build.log"
@@ -207,7 +209,7 @@ def _import(path: Path) -> ModuleType:
         loader.exec_module(module)
     except (ImportError, OSError) as broken:
         raise Unavailable(f"{path} does not load ({broken})",
-                          f"Delete {path.parent} to have them compiled again") from None
+                          f"Delete {path} to have them compiled again") from None
     sys.modules[MODULE] = module
     return module
 
