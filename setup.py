@@ -1,72 +1,67 @@
 """Builds the native CPU kernels (batchnorm.kernels.cpu._C) as a torch C++ extension.
 
-Metadata lives in pyproject.toml; this file only adds the extension. It is built against the
-torch already installed (pip install --no-build-isolation: scripts/env.sh installs torch first);
-where torch or a C++ compiler is missing the package installs without it, and batchnorm runs on
-its torch-operations fallback and says so once.
+Metadata lives in pyproject.toml; this file only adds the extension, and only where torch is
+installed already (pip install --no-build-isolation: scripts/env.sh installs torch first). An
+ordinary install (build isolation: no torch here) installs pure Python with the C++ sources, and
+the package compiles them on first use against the torch it finds then (kernels/cpu/build.py).
+Where the compiler fails here the package installs without the extension and does the same.
 
-The kernels are compiled for the best instruction set of the machine that builds them
-(AVX512, AVX2 or none, the three of ATen's vector types this needs), which is the machine that
-runs them: an editable install builds in place. BATCHNORM_CPU_CAPABILITY=AVX2 / DEFAULT builds
-for less. At run time the extension checks the processor before it registers anything.
+Sources and flags come from kernels/cpu/compile_flags.py, which the first-use build uses too;
+this file loads it by path, since the package cannot be imported while it is being built. Next
+to the extension goes _C.json: the torch, sources and instruction set it was built for, so that
+the package can tell an extension built for another torch from one it can load.
 """
 
+import importlib.util
+import json
 import os
+from pathlib import Path
 
 from setuptools import setup
 
-SOURCES = ["src/batchnorm/kernels/cpu/ops.cpp", "src/batchnorm/kernels/cpu/kernels.cpp",
-           "src/batchnorm/kernels/cpu/autograd.cpp"]
-CAPABILITY_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "DEFAULT": [],
-}
-CAPABILITY_NEEDS = {
-    "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
-    "AVX2": {"avx2", "fma", "f16c"},
-    "DEFAULT": set(),
-}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _capability() -> str:
-    forced = os.environ.get("BATCHNORM_CPU_CAPABILITY")
-    if forced:
-        if forced not in CAPABILITY_FLAGS:
-            raise SystemExit(f"BATCHNORM_CPU_CAPABILITY must be one of {sorted(CAPABILITY_FLAGS)}, "
-                             f"got {forced!r}")
-        return forced
-    flags = _cpu_flags()
-    return next(name for name, needs in CAPABILITY_NEEDS.items() if needs <= flags)
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location(
+    "compile_flags", ROOT / "src" / "batchnorm" / "kernels" / "cpu" / "compile_flags.py")
+assert _spec is not None and _spec.loader is not None
+compile_flags = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compile_flags)
 
 
 def _extensions():
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:  # no torch at build time (an isolated build): pure Python
         return [], {}
-    capability = _capability()
-    flags = ["-O3", "-g0", "-fvisibility=hidden", "-Wno-maybe-uninitialized", f"-DCPU_CAPABILITY={capability}"]
-    if capability != "DEFAULT":
-        flags.append(f"-DCPU_CAPABILITY_{capability}")
-    flags += CAPABILITY_FLAGS[capability]
-    # -fopenmp makes at::parallel_for parallel (without it the header runs it serially); the
-    # OpenMP runtime is torch's own: libgomp.so.1, which torch has loaded before us.
-    extension = CppExtension("batchnorm.kernels.cpu._C", SOURCES,
-                             extra_compile_args={"cxx": [*flags, "-fopenmp"]},
-                             extra_link_args=["-fopenmp"], optional=True)
-    return [extension], {"build_ext": BuildExtension}
+    try:
+        capability = compile_flags.capability()
+    except ValueError as wrong:
+        raise SystemExit(str(wrong)) from None
+
+    class BuildWithStamp(BuildExtension):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            self._stamp(ext).write_text(json.dumps({
+                "torch": torch.__version__, "capability": capability,
+                "sources": compile_flags.source_hash()}))
+
+        def copy_extensions_to_source(self):  # an editable install: the stamp goes along
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                built = Path(self.build_lib, self.get_ext_filename(ext.name)).with_name("_C.json")
+                package_dir = build_py.get_package_dir(ext.name.rpartition(".")[0])
+                if built.exists():
+                    self.copy_file(str(built), os.path.join(package_dir, built.name))
+
+        def _stamp(self, ext) -> Path:  # in the build directory (inplace is off while building)
+            return Path(self.get_ext_fullpath(ext.name)).with_name("_C.json")
+
+    sources = [os.path.relpath(path, ROOT) for path in compile_flags.sources()]
+    extension = CppExtension("batchnorm.kernels.cpu._C", sources,
+                             extra_compile_args={"cxx": compile_flags.compile_args(capability)},
+                             extra_link_args=compile_flags.link_args(), optional=True)
+    return [extension], {"build_ext": BuildWithStamp}
 
 
 ext_modules, cmdclass = _extensions()

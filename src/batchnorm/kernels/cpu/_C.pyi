@@ -1,4 +1,5 @@
-"""The C++ extension's Python module (ops.cpp, built by setup.py), typed for mypy."""
+"""The C++ extension's Python module (ops.cpp; built by setup.py, or on first use by
+build.py), typed for mypy."""
 
 def register_kernels() -> bool: ...
 def compiled_capability() -> str: ...

@@ -5,41 +5,48 @@
     ops.cpp                   the batchnorm:: ops' CPU implementations on those kernels (checks,
                               layouts, the running-statistics update with its NaN/Inf guard) and
                               the Python module that registers them for the CPU dispatch key
+    compile_flags.py          the sources and compiler flags, for both builds below
+    build.py                  the first-use build into a per-user cache
 
-They are built at install time as the extension batchnorm.kernels.cpu._C against the installed
-torch (setup.py; `pip install --no-build-isolation -e .` after torch, as scripts/env.sh does).
-Without it the package runs on the composite kernels in torch operations and says so once.
+They become the extension batchnorm.kernels.cpu._C in one of two ways: at install time, where
+torch is installed first and the package after it without build isolation (setup.py; scripts/
+env.sh does that), or on first use, where the install had no torch to build against (an ordinary
+`pip install`): the first import compiles the bundled sources against the installed torch,
+once, into ~/.cache/batchnorm (build.py; BATCHNORM_BUILD=0 turns that off). Without either the
+package runs on torch's operations and says so once.
 """
 
 import warnings
+from types import ModuleType
 
-BUILD_HINT = ("build them with a C++ compiler and the installed torch: "
-              "`pip install --no-build-isolation -e .` in the project (scripts/env.sh does it)")
+_C: ModuleType | None = None  # the extension, once load() found it
 
 
 def load() -> bool:
-    """Register the C++ kernels for the CPU dispatch key; False (with one warning) if they
-    cannot run here. Call after the ops are defined."""
+    """Register the C++ kernels for the CPU dispatch key, compiling them first if no build for
+    this torch exists; False (with one warning) if they cannot run here. Call after the ops are
+    defined."""
+    global _C
+    from batchnorm.kernels.cpu import build
+
     try:
-        from batchnorm.kernels.cpu import _C
-    except (ImportError, OSError) as missing:
-        warnings.warn(f"batchnorm: the native CPU kernels are not available ({missing}); CPU "
-                      f"tensors run on the slower torch-operations fallback. To {BUILD_HINT}",
-                      RuntimeWarning, stacklevel=2)
+        module = build.find()
+    except build.Unavailable as why:
+        warnings.warn(f"batchnorm: the native CPU kernels are not available: {why.cause}. CPU "
+                      f"tensors run on torch's operations instead. {why.fix}.", RuntimeWarning,
+                      stacklevel=2)
         return False
-    if not _C.register_kernels():
+    if not module.register_kernels():
         warnings.warn(f"batchnorm: the native CPU kernels were compiled for "
-                      f"{_C.compiled_capability()}, which this processor lacks; CPU tensors run "
-                      f"on the torch-operations fallback. Rebuild them on this machine: "
-                      f"{BUILD_HINT}", RuntimeWarning, stacklevel=2)
+                      f"{module.compiled_capability()}, which this processor lacks; CPU tensors "
+                      f"run on torch's operations instead. Build them on this machine: unset "
+                      f"BATCHNORM_CPU_CAPABILITY, or reinstall the package here.", RuntimeWarning,
+                      stacklevel=2)
         return False
+    _C = module
     return True
 
 
 def compiled_capability() -> str | None:
-    """'AVX512', 'AVX2' or 'DEFAULT' for the built kernels; None when they are not built."""
-    try:
-        from batchnorm.kernels.cpu import _C
-    except (ImportError, OSError):
-        return None
-    return _C.compiled_capability()
+    """'AVX512', 'AVX2' or 'DEFAULT' for the loaded kernels; None when none are loaded."""
+    return None if _C is None else _C.compiled_capability()
