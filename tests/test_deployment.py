@@ -343,3 +343,63 @@ def test_inductor_freezing_folds_the_same_batch_norms(freezing):
     # it; bn0 normalizes the input, which no convolution precedes
     assert got["aten.sub.Tensor"] == (1 if freezing else 2), got
     torch.testing.assert_close(output, want)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "no_buffers"])
+@pytest.mark.parametrize("end", [None, "relu", "add_relu"])
+def test_traced_batch_norm_equals_the_eager_route(momentum, affine, buffers, end):
+    """traced.batch_norm called directly (it is plain torch operations) against
+    functional._batch_norm's eager route, float64: outputs, input / weight / bias / residual
+    gradients, running buffers and num_batches_tracked over two batches, a batch with a NaN, an
+    empty batch and one more batch, then eval."""
+    from batchnorm import functional, traced
+
+    g = torch.Generator().manual_seed(4)
+
+    def state():
+        mean = torch.randn(C, dtype=torch.float64, generator=g) if buffers else None
+        var = torch.rand(C, dtype=torch.float64, generator=g) + 0.5 if buffers else None
+        weight = torch.rand(C, dtype=torch.float64, generator=g) + 0.5 if affine else None
+        bias = torch.randn(C, dtype=torch.float64, generator=g) if affine else None
+        return [mean, var, weight, bias, torch.zeros((), dtype=torch.long)]
+
+    eager = state()
+    mine = [None if t is None else t.clone() for t in eager]
+    for p in (eager, mine):
+        for t in p[2:4]:
+            if t is not None:
+                t.requires_grad_()
+    shape = (3, C, 4, 5)
+    steps = [(torch.randn(shape, dtype=torch.float64, generator=g) * (1 + i) + i, True)
+             for i in range(4)]
+    steps[2] = (_nan_batch(steps[2][0]), True)
+    steps.insert(3, (torch.empty(0, *shape[1:], dtype=torch.float64), True))
+    if buffers:  # eval normalizes with the running statistics
+        steps.append((torch.randn(shape, dtype=torch.float64, generator=g), False))
+    residual = torch.randn(shape, dtype=torch.float64, generator=g) if end == "add_relu" else None
+    for x, training in steps:
+        outputs, grads = [], []
+        for fn, (mean, var, weight, bias, count) in ((functional._batch_norm, eager),
+                                                     (traced.batch_norm, mine)):
+            xi = x.clone().requires_grad_()
+            res = None
+            if residual is not None:
+                res = residual[:len(x)].clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the eager route's skip warning
+                y = fn(xi, mean, var, weight, bias, training, momentum, 1e-5, residual=res,
+                       relu=end is not None, num_batches_tracked=count)
+            outputs.append(y.detach())
+            inputs = [t for t in (xi, weight, bias, res) if t is not None]
+            grads.append(torch.autograd.grad(y.nan_to_num().square().sum(), inputs,
+                                             allow_unused=True) if x.numel() else ())
+        torch.testing.assert_close(outputs[1], outputs[0], equal_nan=True)
+        if not outputs[0].isnan().any():
+            for got, want in zip(grads[1], grads[0], strict=True):
+                torch.testing.assert_close(got, want)
+        for got, want in zip(mine, eager, strict=True):
+            if want is not None:
+                torch.testing.assert_close(got.detach(), want.detach())
+    assert eager[4].item() == (4 if buffers else 5)  # the NaN batch is counted only without buffers
