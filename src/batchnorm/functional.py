@@ -22,7 +22,7 @@ from types import FrameType
 import torch
 from torch import Tensor
 
-from batchnorm import ops
+from batchnorm import ops, traced
 from batchnorm.layout import channel_view, memory_format
 from batchnorm.ops import StatsSync
 
@@ -74,6 +74,10 @@ def _batch_norm(
            eps, training=training)
     if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
         return input.clone()
+    if sync is None and traced.tracing():  # torch.compile / export / jit.trace: torch.nn's ops
+        return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, residual=residual, relu=relu,
+                                 num_batches_tracked=num_batches_tracked)
     if sync is None and ops.needs_torch_batch_norm(input, weight, bias, residual, running_mean,
                                                    running_var):
         return ops.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
