@@ -1,7 +1,27 @@
-"""Functional batch norm: torch.nn.functional.batch_norm's signature on this package's ops.
+"""Functional batch norm: torch.nn.functional.batch_norm's signature, and THE router.
 
-This layer checks arguments and decides which statistics normalize the input; the arithmetic is
-in ops.py and the kernels. Extras beyond torch's signature are keyword-only:
+Every call, from batch_norm or from a module (batch_norm_step), takes one of four routes, tried in
+this order (batch_norm_step is the chain):
+
+    1. transforms  a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) is active or a tensor
+                   carries a forward-mode tangent: torch's batch norm, which has the batching
+                   rules and forward-mode formulas our ops lack; the extras composed around it,
+                   no NaN/Inf guard (it would read a flag that vmap cannot)
+    2. tracing     torch.compile, torch.export or torch.jit.trace records the call (and no
+                   SyncBatchNorm): traced.batch_norm, the same semantics in torch operations
+    3. ours        a kernel of ours serves the input's device and dtype (kernels.backend_name:
+                   "cpu", the C++ kernels, by default on CPU; "composite" or "triton" when
+                   selected), or a SyncBatchNorm needs its collectives: the batchnorm:: ops
+                   (ops.batch_norm_train / ops.batch_norm_eval)
+    4. torch       everything else: CUDA by default (cuDNN), CPU without the C++ extension, any
+                   other device, BATCHNORM_KERNELS=aten: torch's own batch-norm kernels, with
+                   residual, ReLU, momentum=None and the NaN/Inf guard composed around them
+
+Never slower than torch.nn: route 3 is taken only where our kernel is verified and at least as
+fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. Arguments are checked once, before
+any route, and a rejected call changes no buffer.
+
+Extras beyond torch's signature are keyword-only:
 
     residual=  a tensor shaped like input, added after the affine (ResNet's "BN + add")
     relu=True  ReLU fused into the same pass, forward and backward
@@ -14,19 +34,24 @@ host synchronisation in every training step). torch would write NaN into the buf
 later eval-mode output would be NaN (pytorch#115500).
 """
 
+import math
 import os
 import sys
 import warnings
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from batchnorm import ops
+from batchnorm import kernels, ops, traced
 from batchnorm.layout import channel_view, memory_format
-from batchnorm.ops import StatsSync
 
-__all__ = ["batch_norm"]
+if TYPE_CHECKING:
+    from batchnorm.distributed import StatsSync
+
+__all__ = ["batch_norm", "batch_norm_step", "check_arguments", "update_running_stats",
+           "is_skipped", "warn_skipped"]
 
 
 def batch_norm(
@@ -48,11 +73,14 @@ def batch_norm(
     are given, updates them in place: running = (1 - momentum) * running + momentum * batch, with
     the unbiased batch variance. training=False normalizes with running_mean / running_var.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       residual=residual, relu=relu)
+    output, finite = batch_norm_step(input, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, residual=residual, relu=relu)
+    if finite is not None and is_skipped(finite):
+        warn_skipped("batch_norm")
+    return output
 
 
-def _batch_norm(
+def batch_norm_step(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -65,50 +93,148 @@ def _batch_norm(
     residual: Tensor | None = None,
     relu: bool = False,
     num_batches_tracked: Tensor | None = None,
-    sync: StatsSync | None = None,
-    layer=None,
-) -> Tensor:
-    """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
-    num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
-    _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-           eps, training=training)
+    sync: "StatsSync | None" = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The router (the module docstring lists its routes): batch_norm for modules, with
+    momentum=None (the cumulative average over num_batches_tracked), the num_batches_tracked
+    count, and a SyncBatchNorm's StatsSync.
+
+    Returns (output, finite): finite is a 0-dim bool tensor when a training step had running
+    buffers to update (False: the batch's statistics were not finite and nothing was updated,
+    num_batches_tracked included; the caller warns or counts, see is_skipped), else None.
+    """
+    check_arguments(input, running_mean, running_var, weight, bias, residual,
+                    training and sync is None, eps, training=training)
     if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
-        return input.clone()
-    if sync is None and ops.needs_torch_batch_norm(input, weight, bias, residual, running_mean,
-                                                   running_var):
-        return ops.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, residual, relu, num_batches_tracked)
+        return input.clone(), None
+    if sync is None and _transformed(input, weight, bias, residual, running_mean, running_var):
+        return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 1
+                              momentum, eps, residual, relu, num_batches_tracked, guard=False)
+    if sync is None and traced.tracing():  # 2
+        return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, residual=residual, relu=relu,
+                                 num_batches_tracked=num_batches_tracked), None
+    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
+    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
+    if input.numel() == 0 and sync is None:
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return _empty_batch(input, weight, bias), None
+    backend = kernels.backend_name(input)
+    if sync is not None or backend != "aten":  # 3
+        return _our_kernels(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps, residual, relu, num_batches_tracked, sync, backend == "cpu")
+    return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 4
+                          momentum, eps, residual, relu, num_batches_tracked, guard=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route 1: under torch.func transforms and forward-mode AD
+# ---------------------------------------------------------------------------------------------
+
+
+def _transformed(*tensors: Tensor | None) -> bool:
+    """True under a torch.func transform (grad, vmap, jvp, jacrev, ...) or when a tensor carries
+    a forward-mode tangent (torch.autograd.forward_ad): our ops have no batching rules and no
+    forward-mode formulas, so such calls take torch's batch norm, which has both."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return not torch.compiler.is_compiling()
+    if torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        return any(t is not None and unpack(t).tangent is not None for t in tensors)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Route 3: our kernels, through the batchnorm:: ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _our_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                 residual, relu, num_batches_tracked, sync, node):
+    """The ops (node: the C++ autograd node serves the training step, see ops.batch_norm_train)."""
     if not input.is_contiguous():  # channels_last stays so; any other stride is made dense
         input = input.contiguous(memory_format=memory_format(input))
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format(input))
-
     if not training:
-        if running_mean is None or running_var is None:
-            raise RuntimeError(
-                "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
-                "running_var, but they were not given; pass them or use training=True"
-            )
-        if input.numel() == 0:
-            return _empty_batch(input, weight, bias)
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
-                                   residual, relu)
-
-    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
-    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
-    if input.numel() == 0 and sync is None:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return _empty_batch(input, weight, bias)
-
+                                   residual, relu), None
     if running_mean is None or running_var is None:
         running_mean = running_var = None  # as torch: both or neither are updated
     running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
-                                                running)
-    if running_mean is not None:
-        warn_if_skipped(finite, layer)
-    return output
+                                                running, node=node)
+    return output, (None if running_mean is None else finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes 1 and 4: torch's own kernels, our extras composed around them
+# ---------------------------------------------------------------------------------------------
+
+_FINITE, _NOT_FINITE = torch.tensor(True), torch.tensor(False)  # the CPU flags (never written)
+
+
+def _torch_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   residual, relu, num_batches_tracked, guard):
+    """torch.batch_norm (the op under torch.nn.functional.batch_norm: cuDNN on CUDA), then the
+    residual and the ReLU; momentum=None as torch.nn's modules turn it into a factor, 1 /
+    num_batches_tracked. guard: the NaN/Inf guard (route 4; a transform cannot read its flag)."""
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    old = None  # the buffers before the update, while the guard may need them back
+    if guard and training and running_mean is not None and running_var is not None:
+        old = running_mean.clone(), running_var.clone()
+    output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
+                              eps, torch.backends.cudnn.enabled)
+    finite = None
+    if old is not None:
+        finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, *old)
+    if residual is not None:
+        output = output + residual if not guard else output.add_(residual)
+    if relu:
+        output = torch.relu(output) if not guard else torch.relu_(output)
+    return output, finite
+
+
+def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+                    old_mean: Tensor, old_var: Tensor) -> Tensor:
+    """The NaN/Inf guard after torch's update: the old buffers back, and the batch not counted,
+    when the batch's statistics were not finite. A NaN or Inf in a channel's input makes its
+    variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
+    even at momentum 0, so running_var is the one thing to check."""
+    if running_var.device.type == "cpu":  # reading the flag costs nothing here
+        if math.isfinite(running_var.sum(dtype=torch.float64).item()):  # double: no overflow
+            return _FINITE
+        running_mean.copy_(old_mean)
+        running_var.copy_(old_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.sub_(1)
+        return _NOT_FINITE
+    finite = torch.isfinite(running_var).all()  # elsewhere on the device: no host sync
+    running_mean.copy_(torch.where(finite, running_mean, old_mean))
+    running_var.copy_(torch.where(finite, running_var, old_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.sub_((~finite).to(num_batches_tracked.dtype))
+    return finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the family (ghost batch norm, batch renormalization)
+# ---------------------------------------------------------------------------------------------
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None,
+                         num_batches_tracked: Tensor | None, mean: Tensor, m2: Tensor,
+                         count: int | Tensor, momentum: float | None) -> Tensor:
+    """The running-statistics update of one batch of count values per channel (mean and M2 =
+    sum of squared deviations per channel), with its NaN/Inf guard; returns `finite`. Without
+    buffers the batch is only counted, as torch counts it."""
+    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+    return ops.update_running(running, mean, m2, count)
 
 
 _LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
@@ -123,18 +249,16 @@ def _caller_stacklevel() -> int:
     return level - 1
 
 
-def warn_if_skipped(finite: Tensor, layer=None) -> None:
-    """The RuntimeWarning for a training batch whose statistics were not finite (CPU only:
-    reading the flag elsewhere would cost a host synchronisation every step), pointing at the
-    caller's line and naming the layer; the layer counts its skipped batches."""
-    if finite.device.type != "cpu" or torch.compiler.is_compiling() or finite.item():
-        return
-    where = "batch_norm"
-    if layer is not None:
-        layer.skipped_batches += 1
-        name = f" '{layer._batchnorm_name}'" if layer._batchnorm_name else ""
-        where = (f"{type(layer).__name__}({layer.num_features}){name} (skipped batches so far: "
-                 f"{layer.skipped_batches})")
+def is_skipped(finite: Tensor) -> bool:
+    """Whether a training step's flag says its batch was skipped (non-finite statistics), where
+    reading the flag is free: on CPU, outside tracing. Elsewhere it reads False (a host
+    synchronisation every step would cost more than the warning is worth)."""
+    return finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item()
+
+
+def warn_skipped(where: str) -> None:
+    """The RuntimeWarning for a skipped training batch, pointing at the caller's line; `where`
+    names the call or the layer."""
     warnings.warn(
         f"{where}: this training batch has non-finite statistics (NaN or Inf in the input); "
         f"running_mean, running_var and num_batches_tracked were left unchanged",
@@ -154,8 +278,8 @@ def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> T
     return output.to(input.dtype)
 
 
-def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
-           training=None):
+def check_arguments(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                    eps, training=None):
     """Every rejection happens here, before any buffer is touched: what torch rejects, with
     torch's exception types (eps must be positive in training and non-negative in eval; any
     float momentum is taken, as torch takes it).
@@ -185,6 +309,11 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if input.dim() < 2:
         return
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
+            "running_var, but they were not given; pass them or use training=True"
+        )
     channels = input.shape[1]
     vectors = (("running_mean", running_mean), ("running_var", running_var),
                ("weight", weight), ("bias", bias))

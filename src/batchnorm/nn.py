@@ -7,7 +7,7 @@ computation is one call to batchnorm.functional.
 """
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -15,7 +15,9 @@ from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm import functional
-from batchnorm.ops import StatsSync
+
+if TYPE_CHECKING:
+    from batchnorm.distributed import StatsSync
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -95,7 +97,11 @@ class _BatchNorm(torch_bn._BatchNorm):
                 f"{type(self).__name__} expects a {expected} input {self._layouts}, got "
                 f"{input.dim()}D input of shape {tuple(input.shape)}"
             )
-        if not isinstance(self, LazyModuleMixin) or not self.has_uninitialized_params():
+        # Only a tensor of the layer fixes its channel count: torch takes any channel count
+        # without weight, bias and running buffers (affine=False, track_running_stats=False,
+        # Lazy layers included, whose num_features then stays 0).
+        sized = self.affine or self.running_mean is not None  # a weight, or the buffers
+        if sized and not (isinstance(self, LazyModuleMixin) and self.has_uninitialized_params()):
             if input.shape[1] != self.num_features:
                 raise RuntimeError(
                     f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
@@ -125,11 +131,21 @@ class _BatchNorm(torch_bn._BatchNorm):
         """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
         running_mean, running_var, num_batches_tracked = self._buffers_to_update()
-        return functional._batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                      self._use_batch_stats(), self.momentum, self.eps,
-                                      residual=residual, relu=self.relu,
-                                      num_batches_tracked=num_batches_tracked,
-                                      sync=self._sync(), layer=self)
+        output, finite = functional.batch_norm_step(
+            input, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(),
+            self.momentum, self.eps, residual=residual, relu=self.relu,
+            num_batches_tracked=num_batches_tracked, sync=self._sync())
+        if finite is not None:
+            self._count_skipped(finite)
+        return output
+
+    def _count_skipped(self, finite: Tensor) -> None:
+        """Count and report a training batch the NaN/Inf guard skipped (its flag `finite`)."""
+        if functional.is_skipped(finite):
+            self.skipped_batches += 1
+            name = f" '{self._batchnorm_name}'" if self._batchnorm_name else ""
+            functional.warn_skipped(f"{type(self).__name__}({self.num_features}){name} (skipped "
+                                    f"batches so far: {self.skipped_batches})")
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
@@ -145,7 +161,7 @@ class _BatchNorm(torch_bn._BatchNorm):
         bn = swap_class(self, base)
         return bn if wrapper is None else wrapper(bn)
 
-    def _sync(self) -> StatsSync | None:
+    def _sync(self) -> "StatsSync | None":
         """How batch statistics are combined across processes: None here (this process only);
         distributed.SyncBatchNorm returns its process group's StatsSync while training."""
         return None
