@@ -14,8 +14,9 @@ this order (batch_norm_step is the chain):
                    selected), or a SyncBatchNorm needs its collectives: the batchnorm:: ops
                    (ops.batch_norm_train / ops.batch_norm_eval)
     4. torch       everything else: CUDA by default (cuDNN), CPU without the C++ extension, any
-                   other device, BATCHNORM_KERNELS=aten: torch's own batch-norm kernels, with
-                   residual, ReLU, momentum=None and the NaN/Inf guard composed around them
+                   other device, BATCHNORM_KERNELS=aten, and CPU evaluation that records a graph
+                   (our eval kernel has no C++ autograd node): torch's own batch-norm kernels,
+                   with residual, ReLU, momentum=None and the NaN/Inf guard composed around them
 
 Never slower than torch.nn: route 3 is taken only where our kernel is verified and at least as
 fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. Arguments are checked once, before
@@ -121,6 +122,8 @@ def batch_norm_step(
             num_batches_tracked.add_(1)
         return _empty_batch(input, weight, bias), None
     backend = kernels.backend_name(input)
+    if backend == "cpu" and not training and _records_graph(input, weight, bias, residual):
+        backend = "aten"  # torch's kernel and C++ node beat elemt's Python autograd formula
     if sync is not None or backend != "aten":  # 3
         return _our_kernels(input, running_mean, running_var, weight, bias, training, momentum,
                             eps, residual, relu, num_batches_tracked, sync, backend == "cpu")
@@ -143,6 +146,10 @@ def _transformed(*tensors: Tensor | None) -> bool:
         unpack = torch.autograd.forward_ad.unpack_dual
         return any(t is not None and unpack(t).tangent is not None for t in tensors)
     return False
+
+
+def _records_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,15 +188,15 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     residual and the ReLU; momentum=None as torch.nn's modules turn it into a factor, 1 /
     num_batches_tracked. guard: the NaN/Inf guard (route 4; a transform cannot read its flag)."""
     factor = 0.0 if momentum is None else momentum
-    if training and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
+    if training and momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / (float(num_batches_tracked) + 1)  # this batch counted
     old = None  # the buffers before the update, while the guard may need them back
     if guard and training and running_mean is not None and running_var is not None:
         old = running_mean.clone(), running_var.clone()
     output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
                               eps, torch.backends.cudnn.enabled)
+    if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
+        num_batches_tracked.add_(1)                   # counts nothing
     finite = None
     if old is not None:
         finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, *old)
@@ -207,7 +214,7 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
     even at momentum 0, so running_var is the one thing to check."""
     if running_var.device.type == "cpu":  # reading the flag costs nothing here
-        if math.isfinite(running_var.sum(dtype=torch.float64).item()):  # double: no overflow
+        if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
             return _FINITE
         running_mean.copy_(old_mean)
         running_var.copy_(old_var)
@@ -288,7 +295,40 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, lo
     so they need more than one value per channel. training: whether the call normalizes with
     batch statistics at all (default: local_batch_stats; True for SyncBatchNorm and ghost batch
     norm, whose statistics are not the whole local batch's).
+
+    Every call pays for the check, so the common valid call is recognised in one pass
+    (_plainly_valid); anything else goes through the checks one by one, which name the problem.
     """
+    training = local_batch_stats if training is None else training
+    if not _plainly_valid(input, running_mean, running_var, weight, bias, residual,
+                          local_batch_stats, eps, training):
+        _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+                training)
+
+
+def _plainly_valid(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                   eps, training) -> bool:
+    """True for a call every check below passes (False may still pass them: an empty input)."""
+    if not isinstance(input, Tensor) or not input.is_floating_point() or input.dim() < 2:
+        return False
+    if not (eps > 0 if training else eps >= 0):  # a NaN eps fails both
+        return False
+    if not training and (running_mean is None or running_var is None):
+        return False
+    shape, device = input.shape, input.device
+    channels = (shape[1],)
+    for vector in (running_mean, running_var, weight, bias):
+        if vector is not None and (vector.shape != channels or vector.device != device
+                                   or not vector.is_floating_point()):
+            return False
+    if residual is not None and (residual.shape != shape or residual.device != device):
+        return False
+    return not local_batch_stats or input.numel() != shape[1]  # numel == C: 1 value per channel
+
+
+def _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+            training) -> None:
+    """The checks one by one: raises the first problem found, or returns (a valid call)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm expects input to be a Tensor, got {type(input).__name__}")
     if not (input.is_floating_point()):
@@ -301,7 +341,6 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, lo
             f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
             f"{input.dim()}D input of shape {tuple(input.shape)}"
         )
-    training = local_batch_stats if training is None else training
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training (it keeps the batch "
                          f"variance away from 0), but got {eps}")

@@ -100,29 +100,30 @@ class _BatchNorm(torch_bn._BatchNorm):
         # Only a tensor of the layer fixes its channel count: torch takes any channel count
         # without weight, bias and running buffers (affine=False, track_running_stats=False,
         # Lazy layers included, whose num_features then stays 0).
-        sized = self.affine or self.running_mean is not None  # a weight, or the buffers
-        if sized and not (isinstance(self, LazyModuleMixin) and self.has_uninitialized_params()):
-            if input.shape[1] != self.num_features:
+        if input.shape[1] != self.num_features and (self.affine or
+                                                    self.running_mean is not None):
+            if not (isinstance(self, LazyModuleMixin) and self.has_uninitialized_params()):
                 raise RuntimeError(
                     f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
                     f"channels in dim 1, got input of shape {tuple(input.shape)} with "
                     f"{input.shape[1]} channels"
                 )
 
-    def _use_batch_stats(self) -> bool:
-        """Training normalizes with the batch; eval too when there are no running buffers."""
-        return self.training or (self.running_mean is None and self.running_var is None)
+    def _state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+        """(running_mean, running_var, num_batches_tracked) to pass down, and whether the call
+        normalizes with the batch's statistics: in training, or in eval without running buffers.
 
-    def _buffers_to_update(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """(running_mean, running_var, num_batches_tracked) to pass down.
-
-        In training they are updated only while track_running_stats is on: turning it off after
-        construction freezes the buffers (they are still used in eval), as in torch.
+        In training the buffers are updated only while track_running_stats is on: turning it off
+        after construction freezes them (they are still used in eval), as in torch. Read from
+        the module's dicts once (every call pays for nn.Module's attribute lookup otherwise).
         """
-        if self.training and not self.track_running_stats:
-            return None, None, None
-        tracked = self.num_batches_tracked if self.training else None
-        return self.running_mean, self.running_var, tracked
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if not self.training:
+            return running_mean, running_var, None, running_mean is None and running_var is None
+        if not self.track_running_stats:
+            return None, None, None, True
+        return running_mean, running_var, buffers["num_batches_tracked"], True
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
@@ -130,22 +131,18 @@ class _BatchNorm(torch_bn._BatchNorm):
     def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._buffers_to_update()
+        running_mean, running_var, num_batches_tracked, batch_stats = self._state()
+        parameters = self._parameters
         output, finite = functional.batch_norm_step(
-            input, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(),
-            self.momentum, self.eps, residual=residual, relu=self.relu,
+            input, running_mean, running_var, parameters["weight"], parameters["bias"],
+            batch_stats, self.momentum, self.eps, residual=residual, relu=self.relu,
             num_batches_tracked=num_batches_tracked, sync=self._sync())
-        if finite is not None:
-            self._count_skipped(finite)
-        return output
-
-    def _count_skipped(self, finite: Tensor) -> None:
-        """Count and report a training batch the NaN/Inf guard skipped (its flag `finite`)."""
-        if functional.is_skipped(finite):
+        if finite is not None and functional.is_skipped(finite):
             self.skipped_batches += 1
             name = f" '{self._batchnorm_name}'" if self._batchnorm_name else ""
             functional.warn_skipped(f"{type(self).__name__}({self.num_features}){name} (skipped "
                                     f"batches so far: {self.skipped_batches})")
+        return output
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same

@@ -112,9 +112,9 @@ class _GhostBatchNorm(nn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._buffers_to_update()
+        running_mean, running_var, num_batches_tracked, batch_stats = self._state()
         return ghost_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                self._use_batch_stats(), self.momentum, self.eps,
+                                batch_stats, self.momentum, self.eps,
                                 self.virtual_batch_size, num_batches_tracked=num_batches_tracked)
 
 
