@@ -169,9 +169,13 @@ def test_a_rejected_call_changes_nothing(backend):
     with _use(backend):
         ours(torch.randn(8, 4))
         before = {name: b.clone() for name, b in ours.named_buffers()}
-        with pytest.raises(RuntimeError, match="one value per channel"):
+        with pytest.raises(RuntimeError, match="one value per channel|should contain 4 elem"):
             functional.batch_norm_step(torch.randn(8, 4), ours.running_mean, ours.running_var,
                                        torch.ones(5), None, True, 0.1, 1e-5,
+                                       num_batches_tracked=ours.num_batches_tracked)
+        with pytest.raises(RuntimeError, match="one value per channel|should contain 4 elem"):
+            functional.batch_norm_step(torch.randn(8, 4), ours.running_mean, torch.ones(3),
+                                       None, None, True, 0.1, 1e-5,
                                        num_batches_tracked=ours.num_batches_tracked)
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             ours(torch.randn(1, 4))

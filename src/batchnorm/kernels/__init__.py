@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -54,7 +55,6 @@ def _backend(name: str | None, where: str) -> str | None:
 
 
 _FORCED = _backend(os.environ.get("BATCHNORM_KERNELS"), "BATCHNORM_KERNELS")
-_PROCESS_BACKEND = contextlib.ExitStack()  # holds BATCHNORM_KERNELS's use() open
 
 
 def register(lib: torch.library.Library, names: tuple[str, ...]) -> None:
@@ -71,7 +71,7 @@ def register(lib: torch.library.Library, names: tuple[str, ...]) -> None:
         _native_cpu = cpu.load()
         return
     try:
-        _PROCESS_BACKEND.enter_context(use(_FORCED))  # never exited: for the whole process
+        _select(_FORCED)  # never undone: for the whole process
     except RuntimeError as unavailable:  # BATCHNORM_KERNELS=triton without Triton or a GPU
         warnings.warn(f"batchnorm: BATCHNORM_KERNELS={_FORCED} cannot be served ({unavailable}); "
                       f"torch's kernels serve instead", RuntimeWarning, stacklevel=2)
@@ -126,6 +126,48 @@ def backend_name(tensor: torch.Tensor) -> str:
 def serving(device_type: str, module: ModuleType, name: str | None = None):
     """Serve device_type's tensors with module's four primitives (and the composite fused ops
     on top of them) for the duration: a registration that is removed again on exit."""
+    undo = _serve(device_type, module, name or module.__name__.rsplit(".", 1)[-1])
+    try:
+        yield
+    finally:
+        undo()
+
+
+@contextlib.contextmanager
+def use(name: str | None):
+    """Serve tensors with one backend for the duration, as BATCHNORM_KERNELS=name does for the
+    whole process: 'aten' (torch's kernels, CPU and CUDA), 'composite' (CPU and CUDA), 'triton'
+    (CUDA; Triton must be installed); None: as set up."""
+    undo = _select(_backend(name, "kernels.use"))
+    try:
+        yield
+    finally:
+        undo()
+
+
+def _select(name: str | None) -> Callable[[], None]:
+    """Make backend `name` serve (None: nothing changes); returns what undoes it. Not a context
+    manager: BATCHNORM_KERNELS selects for the whole process and is never undone."""
+    undo: list[Callable[[], None]] = []
+    if name == "aten":
+        undo = [_name("cpu", "aten"), _name("cuda", "aten")]
+    elif name == "composite":
+        undo = [_serve("cpu", composite, "composite"), _serve("cuda", composite, "composite")]
+    elif name == "triton":  # the CUDA registration (_cuda_kernel) reads the name
+        if _load_triton() is None:
+            raise RuntimeError("kernels.use('triton'): Triton is not installed or finds no "
+                               "GPU (pip install 'batchnorm[gpu]')")
+        undo = [_name("cuda", "triton")]
+
+    def undo_all() -> None:
+        for step in reversed(undo):
+            step()
+    return undo_all
+
+
+def _serve(device_type: str, module: ModuleType, name: str) -> Callable[[], None]:
+    """Register module's primitives (and the composite's fused ops) for device_type's dispatch
+    key and name the backend; returns what undoes both."""
     if device_type not in _DISPATCH_KEY:
         raise ValueError(f"kernels.serving expects one of {sorted(_DISPATCH_KEY)}, got "
                          f"{device_type!r}")
@@ -137,43 +179,22 @@ def serving(device_type: str, module: ModuleType, name: str | None = None):
             lib.impl(op, getattr(module, op), key)
         for op in FUSED:
             lib.impl(op, getattr(composite, op), key)
-    try:
-        with _named(device_type, name or module.__name__.rsplit(".", 1)[-1]):
-            yield
-    finally:
+    unname = _name(device_type, name)
+
+    def undo() -> None:
+        unname()
         lib._destroy()
+    return undo
 
 
-@contextlib.contextmanager
-def _named(device_type: str, name: str):
-    """backend_name answers `name` for device_type's tensors for the duration."""
+def _name(device_type: str, name: str) -> Callable[[], None]:
+    """backend_name answers `name` for device_type's tensors until the returned function runs."""
     previous = _serving.get(device_type)
     _serving[device_type] = name
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         if previous is None:
             _serving.pop(device_type, None)
         else:
             _serving[device_type] = previous
-
-
-@contextlib.contextmanager
-def use(name: str | None):
-    """Serve tensors with one backend for the duration, as BATCHNORM_KERNELS=name does for the
-    whole process: 'aten' (torch's kernels, CPU and CUDA), 'composite' (CPU and CUDA), 'triton'
-    (CUDA; Triton must be installed); None: as set up."""
-    name = _backend(name, "kernels.use")
-    with contextlib.ExitStack() as stack:
-        if name == "aten":
-            stack.enter_context(_named("cpu", "aten"))
-            stack.enter_context(_named("cuda", "aten"))
-        elif name == "composite":
-            stack.enter_context(serving("cpu", composite))
-            stack.enter_context(serving("cuda", composite))
-        elif name == "triton":  # the CUDA registration (_cuda_kernel) reads the name
-            if _load_triton() is None:
-                raise RuntimeError("kernels.use('triton'): Triton is not installed or finds no "
-                                   "GPU (pip install 'batchnorm[gpu]')")
-            stack.enter_context(_named("cuda", "triton"))
-        yield
+    return undo
