@@ -237,15 +237,16 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
     even at momentum 0, so running_var is the one thing to check. old: both buffers before the
     update, concatenated."""
-    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
     if running_var.device.type == "cpu":  # reading the flag costs nothing here
         if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
             return _FINITE
+        old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
         running_mean.copy_(old_mean)
         running_var.copy_(old_var)
         if num_batches_tracked is not None:
             num_batches_tracked.sub_(1)
         return _NOT_FINITE
+    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
     finite = torch.isfinite(running_var).all()  # elsewhere on the device: no host sync
     running_mean.copy_(torch.where(finite, running_mean, old_mean))
     running_var.copy_(torch.where(finite, running_var, old_var))
