@@ -303,3 +303,24 @@ def test_warning_points_at_the_callers_line():
         warnings.simplefilter("always")
         m(x)
     assert len(caught) == 1 and caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("input_dtype,module_dtype", [(torch.float16, torch.float32),
+                                                      (torch.float32, torch.bfloat16)])
+def test_dtype_mixes_torch_refuses_still_run(backend, input_dtype, module_dtype):
+    # torch's kernels take float32 parameters with a half input, not the reverse; the router
+    # sends the reverse to our ops, so every route takes both (train and eval, with gradients)
+    torch.manual_seed(0)
+    ours = batchnorm.BatchNorm2d(3).to(module_dtype)
+    theirs = torch.nn.BatchNorm2d(3).double()
+    with _use(backend):
+        for training in (True, False):
+            ours.train(training)
+            theirs.train(training)
+            x = torch.randn(4, 3, 5, 5).to(input_dtype)
+            y = ours(x)
+            assert y.dtype == input_dtype
+            y.float().sum().backward()
+            torch.testing.assert_close(y.double(), theirs(x.double()), atol=0.05, rtol=0.05)
+            assert ours.weight.grad.dtype == module_dtype

@@ -11,7 +11,8 @@ this order (_route is the chain):
                    SyncBatchNorm): traced.batch_norm, the same semantics in torch operations
     3. ours        a kernel of ours serves the input's device and dtype (kernels.backend_name:
                    "cpu", the C++ kernels, by default on CPU; "composite" or "triton" when
-                   selected), or a SyncBatchNorm needs its collectives: the batchnorm:: ops
+                   selected), a SyncBatchNorm needs its collectives, or the dtypes mix in a way
+                   torch's kernels refuse (float32 input, float16 buffers): the batchnorm:: ops
                    (ops.batch_norm_train / ops.batch_norm_eval)
     4. torch       everything else: CUDA by default (cuDNN), CPU without the C++ extension, any
                    other device, BATCHNORM_KERNELS=aten, and float32/64 CPU evaluation that
@@ -142,6 +143,8 @@ def _route(input, running_mean, running_var, weight, bias, training, momentum, e
     if (backend == "cpu" and not training and input.dtype in _TORCH_EVAL_GRAD_DTYPES
             and _records_graph(input, weight, bias, residual)):
         backend = "aten"  # torch's kernel and C++ node beat elemt's Python autograd formula
+    if backend == "aten" and not _torch_takes(input, running_mean, running_var, weight, bias):
+        backend = "composite"  # a dtype mix torch rejects: ours take every mix
     if sync is not None or backend != "aten":  # 3
         return _our_kernels(input, running_mean, running_var, weight, bias, training, momentum,
                             eps, residual, relu, num_batches_tracked, sync, backend == "cpu")
@@ -169,6 +172,17 @@ def _transformed(*tensors: Tensor | None) -> bool:
 # Where torch's eval-mode gradients are as accurate as ours (float16 / bfloat16: its weight
 # gradient is off by up to 20% in bfloat16, measured against float64; ours sums in float32).
 _TORCH_EVAL_GRAD_DTYPES = (torch.float32, torch.float64)
+
+
+def _torch_takes(input: Tensor, *vectors: Tensor | None) -> bool:
+    """Whether torch's kernels take these dtypes: per-channel tensors of the input's dtype, or
+    float32 ones with a float16 / bfloat16 input (not the reverse)."""
+    dtype = input.dtype
+    return all(v is None or v.dtype == dtype or (v.dtype == torch.float32 and dtype in _HALF)
+               for v in vectors)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _records_graph(*tensors: Tensor | None) -> bool:
