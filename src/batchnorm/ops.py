@@ -25,8 +25,9 @@ call here only where such a kernel of ours serves it (route 3); torch's own kern
 rest.
 
 The primitives have fake implementations and autograd formulas written with the other ops, so
-they are differentiable any number of times (gradgradcheck). The fused ops are called inside
-the autograd.Functions below, which are their autograd formulas.
+they are differentiable any number of times (gradgradcheck). The fused training step has one
+autograd formula per backend: the C++ node registered for AutogradCPU with the C++ kernels
+(kernels/cpu/autograd.cpp), and _BatchNormTrain below for every other backend and SyncBatchNorm.
 
 forward_train updates the running statistics in place: running = running + factor * (batch -
 running), factor = momentum, or 1 / num_batches_tracked when momentum is None (cumulative), with
