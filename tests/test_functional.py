@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
+from batchnorm import kernels
 from batchnorm.functional import batch_norm
 from tests.utils import check_forward_backward, make_inputs
 
@@ -98,7 +99,7 @@ def test_bad_buffer_and_parameter_sizes():
     for kwargs, name in [({"running_mean": torch.zeros(4)}, "running_mean"),
                          ({"running_var": torch.ones(2)}, "running_var"),
                          ({"weight": torch.ones(4)}, "weight"),
-                         ({"bias": torch.ones(3, 1)}, "bias")]:
+                         ({"bias": torch.ones(2)}, "bias")]:
         args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), **kwargs}
         given = dict(args)
         before = {k: v.clone() for k, v in args.items()}
@@ -170,6 +171,18 @@ def test_empty_inputs_as_torch(shape, training):
     ours = batch_norm(x, *stats, training=training)
     theirs = torch.nn.functional.batch_norm(x, *stats, training=training)
     torch.testing.assert_close(ours, theirs)  # shape, dtype and device: there are no values
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_per_channel_tensors_of_any_shape_are_taken_as_torch_takes_them(training):
+    # torch reads C values of any shape ((1, C), (C, 1)); so does every route here
+    x = torch.randn(4, 3, 5)
+    weight, bias = torch.rand(1, 3) + 0.5, torch.randn(3, 1)
+    expected = TF.batch_norm(x, torch.zeros(3), torch.ones(3), weight, bias, training)
+    for backend in (None, "aten", "composite"):
+        with kernels.use(backend):
+            got = batch_norm(x, torch.zeros(3), torch.ones(3), weight, bias, training)
+        torch.testing.assert_close(got, expected, msg=str(backend))
 
 
 def test_tensors_on_another_device_are_rejected():

@@ -359,7 +359,7 @@ def _env(**extra):
 
 
 @pytest.mark.slow
-def test_without_the_extension_warns_once_and_uses_the_composite():
+def test_without_the_extension_warns_once_and_uses_torchs_kernels():
     script = textwrap.dedent("""
         import sys, warnings
         sys.modules["batchnorm.kernels.cpu._C"] = None  # as if it was never built
@@ -372,7 +372,7 @@ def test_without_the_extension_warns_once_and_uses_the_composite():
             m(torch.randn(4, 3))
         messages = [str(w.message) for w in caught if "native CPU kernels" in str(w.message)]
         assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0], messages
-        assert kernels.backend_name(torch.empty(2, 3)) == "composite"
+        assert kernels.backend_name(torch.empty(2, 3)) == "aten"
     """)
     done = subprocess.run([sys.executable, "-c", script], timeout=120, env=_env(),
                           capture_output=True, text=True)
@@ -497,6 +497,6 @@ def test_the_composite_has_one_name_and_the_old_one_still_works():
     for name in ("composite", "torch"):
         with kernels.use(name):
             assert kernels.backend_name(torch.zeros(2, 3)) == "composite"
-    with pytest.raises(ValueError, match="'composite' or None"):
+    with pytest.raises(ValueError, match="'composite', 'triton' or None"):
         with kernels.use("numba"):
             pass

@@ -1,7 +1,7 @@
 """SyncBatchNorm: batch statistics over the global batch of every process, on torch.distributed.
 
 Single-process and synchronized batch norm are the same four ops (ops.py); this file only adds
-the StatsSync that ops.batch_norm_train calls between them:
+the StatsSync (defined here) that ops.batch_norm_train calls between them:
 
     forward   stats (per rank: count, mean, M2) -> combine_stats: ONE all_gather of the packed
               [count, mean, M2], then Chan's parallel formula on every rank -> elemt
@@ -16,6 +16,8 @@ rank waits forever. World size 1, no initialized process group, and evaluation m
 single-process path.
 """
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -23,9 +25,18 @@ from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm import nn
-from batchnorm.ops import StatsSync
 
-__all__ = ["SyncBatchNorm", "ProcessGroupSync", "combine_moments"]
+__all__ = ["SyncBatchNorm", "StatsSync", "ProcessGroupSync", "combine_moments"]
+
+
+class StatsSync(Protocol):
+    """What SyncBatchNorm adds to the single-process path: one collective after each reduce."""
+
+    def combine_stats(self, mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-rank (mean, M2, count) -> global (mean, M2, count) by Chan's parallel formula."""
+
+    def sum_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-rank (sum dy, sum dy x_hat) -> their sums over every rank."""
 
 
 def combine_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:

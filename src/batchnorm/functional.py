@@ -1,7 +1,29 @@
-"""Functional batch norm: torch.nn.functional.batch_norm's signature on this package's ops.
+"""Functional batch norm: torch.nn.functional.batch_norm's signature, and THE router.
 
-This layer checks arguments and decides which statistics normalize the input; the arithmetic is
-in ops.py and the kernels. Extras beyond torch's signature are keyword-only:
+Every call, from batch_norm or from a module (batch_norm_step), takes one of four routes, tried in
+this order (_route is the chain):
+
+    1. transforms  a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) is active or a tensor
+                   carries a forward-mode tangent: torch's batch norm, which has the batching
+                   rules and forward-mode formulas our ops lack; the extras composed around it,
+                   no NaN/Inf guard (it would read a flag that vmap cannot)
+    2. tracing     torch.compile, torch.export or torch.jit.trace records the call (and no
+                   SyncBatchNorm): traced.batch_norm, the same semantics in torch operations
+    3. ours        a kernel of ours serves the input's device and dtype (kernels.backend_name:
+                   "cpu", the C++ kernels, by default on CPU; "composite" or "triton" when
+                   selected), a SyncBatchNorm needs its collectives, or the dtypes mix in a way
+                   torch's kernels refuse (float32 input, float16 buffers): the batchnorm:: ops
+                   (ops.batch_norm_train / ops.batch_norm_eval)
+    4. torch       everything else: CUDA by default (cuDNN), CPU without the C++ extension, any
+                   other device, BATCHNORM_KERNELS=aten, and float32/64 CPU evaluation that
+                   records a graph (our eval kernel has no C++ autograd node): torch's kernels,
+                   with residual, ReLU, momentum=None and the NaN/Inf guard composed around them
+
+Never slower than torch.nn: route 3 is taken only where our kernel is verified and at least as
+fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. Arguments are checked once, before
+any route, and a rejected call changes no buffer.
+
+Extras beyond torch's signature are keyword-only:
 
     residual=  a tensor shaped like input, added after the affine (ResNet's "BN + add")
     relu=True  ReLU fused into the same pass, forward and backward
@@ -14,19 +36,24 @@ host synchronisation in every training step). torch would write NaN into the buf
 later eval-mode output would be NaN (pytorch#115500).
 """
 
+import math
 import os
 import sys
 import warnings
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from batchnorm import ops, traced
+from batchnorm import kernels, ops, traced
 from batchnorm.layout import channel_view, memory_format
-from batchnorm.ops import StatsSync
 
-__all__ = ["batch_norm"]
+if TYPE_CHECKING:
+    from batchnorm.distributed import StatsSync
+
+__all__ = ["batch_norm", "batch_norm_step", "check_arguments", "update_running_stats",
+           "is_skipped", "warn_skipped"]
 
 
 def batch_norm(
@@ -48,11 +75,14 @@ def batch_norm(
     are given, updates them in place: running = (1 - momentum) * running + momentum * batch, with
     the unbiased batch variance. training=False normalizes with running_mean / running_var.
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       residual=residual, relu=relu)
+    output, finite = batch_norm_step(input, running_mean, running_var, weight, bias, training,
+                                     momentum, eps, residual=residual, relu=relu)
+    if finite is not None and is_skipped(finite):
+        warn_skipped("batch_norm")
+    return output
 
 
-def _batch_norm(
+def batch_norm_step(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -65,54 +95,193 @@ def _batch_norm(
     residual: Tensor | None = None,
     relu: bool = False,
     num_batches_tracked: Tensor | None = None,
-    sync: StatsSync | None = None,
-    layer=None,
-) -> Tensor:
-    """batch_norm for modules: momentum=None (cumulative average over num_batches_tracked), the
-    num_batches_tracked count, and a StatsSync for SyncBatchNorm."""
-    _check(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-           eps, training=training)
+    sync: "StatsSync | None" = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The router (the module docstring lists its routes): batch_norm for modules, with
+    momentum=None (the cumulative average over num_batches_tracked), the num_batches_tracked
+    count, and a SyncBatchNorm's StatsSync.
+
+    Returns (output, finite): finite is a 0-dim bool tensor when a training step had running
+    buffers to update (False: the batch's statistics were not finite and nothing was updated,
+    num_batches_tracked included; the caller warns or counts, see is_skipped), else None.
+    """
+    backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
+    checked_below = backend in _CHECKING_BACKENDS
+    check_arguments(input, running_mean, running_var, weight, bias, residual,
+                    training and sync is None, eps, training=training,
+                    sizes_checked_below=checked_below)
+    try:
+        return _route(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      residual, relu, num_batches_tracked, sync, backend)
+    except RuntimeError as failed:
+        if not checked_below:
+            raise
+        error = failed  # a kernel refused an argument: say which, as check_arguments would
+    _reject(input, running_mean, running_var, weight, bias, residual, training and sync is None,
+            eps, training)
+    raise error
+
+
+def _route(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
+           relu, num_batches_tracked, sync, backend) -> tuple[Tensor, Tensor | None]:
+    """The chain of routes, in order (the module docstring says when each runs)."""
     if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
-        return input.clone()
-    if sync is None and traced.tracing():  # torch.compile / export / jit.trace: torch.nn's ops
+        return input.clone(), None
+    if sync is None and _transformed(input, weight, bias, residual, running_mean, running_var):
+        return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 1
+                              momentum, eps, residual, relu, num_batches_tracked, guard=False)
+    if sync is None and traced.tracing():  # 2
         return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, residual=residual, relu=relu,
-                                 num_batches_tracked=num_batches_tracked)
-    if sync is None and ops.needs_torch_batch_norm(input, weight, bias, residual, running_mean,
-                                                   running_var):
-        return ops.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, residual, relu, num_batches_tracked)
+                                 num_batches_tracked=num_batches_tracked), None
+    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
+    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
+    if input.numel() == 0 and sync is None:
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return _empty_batch(input, weight, bias), None
+    if (backend == "cpu" and not training and input.dtype in _TORCH_EVAL_GRAD_DTYPES
+            and _records_graph(input, weight, bias, residual)):
+        backend = "aten"  # torch's kernel and C++ node beat elemt's Python autograd formula
+    if backend == "aten" and not _torch_takes(input, running_mean, running_var, weight, bias):
+        backend = "composite"  # a dtype mix torch rejects: ours take every mix
+    if sync is not None or backend != "aten":  # 3
+        return _our_kernels(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps, residual, relu, num_batches_tracked, sync, backend == "cpu")
+    return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 4
+                          momentum, eps, residual, relu, num_batches_tracked, guard=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route 1: under torch.func transforms and forward-mode AD
+# ---------------------------------------------------------------------------------------------
+
+
+def _transformed(*tensors: Tensor | None) -> bool:
+    """True under a torch.func transform (grad, vmap, jvp, jacrev, ...) or when a tensor carries
+    a forward-mode tangent (torch.autograd.forward_ad): our ops have no batching rules and no
+    forward-mode formulas, so such calls take torch's batch norm, which has both."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return not torch.compiler.is_compiling()
+    if torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        return any(t is not None and unpack(t).tangent is not None for t in tensors)
+    return False
+
+
+# Where torch's eval-mode gradients are as accurate as ours (float16 / bfloat16: its weight
+# gradient is off by up to 20% in bfloat16, measured against float64; ours sums in float32).
+_TORCH_EVAL_GRAD_DTYPES = (torch.float32, torch.float64)
+
+
+def _torch_takes(input: Tensor, *vectors: Tensor | None) -> bool:
+    """Whether torch's kernels take these dtypes: per-channel tensors of the input's dtype, or
+    float32 ones with a float16 / bfloat16 input (not the reverse)."""
+    dtype = input.dtype
+    return all(v is None or v.dtype == dtype or (v.dtype == torch.float32 and dtype in _HALF)
+               for v in vectors)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _records_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route 3: our kernels, through the batchnorm:: ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _our_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                 residual, relu, num_batches_tracked, sync, node):
+    """The ops (node: the C++ autograd node serves the training step, see ops.batch_norm_train)."""
     if not input.is_contiguous():  # channels_last stays so; any other stride is made dense
         input = input.contiguous(memory_format=memory_format(input))
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format(input))
-
     if not training:
-        if running_mean is None or running_var is None:
-            raise RuntimeError(
-                "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
-                "running_var, but they were not given; pass them or use training=True"
-            )
-        if input.numel() == 0:
-            return _empty_batch(input, weight, bias)
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
-                                   residual, relu)
-
-    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
-    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
-    if input.numel() == 0 and sync is None:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return _empty_batch(input, weight, bias)
-
+                                   residual, relu), None
     if running_mean is None or running_var is None:
         running_mean = running_var = None  # as torch: both or neither are updated
     running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
-                                                running)
-    if running_mean is not None:
-        warn_if_skipped(finite, layer)
-    return output
+                                                running, node=node)
+    return output, (None if running_mean is None else finite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes 1 and 4: torch's own kernels, our extras composed around them
+# ---------------------------------------------------------------------------------------------
+
+_FINITE, _NOT_FINITE = torch.tensor(True), torch.tensor(False)  # the CPU flags (never written)
+
+
+def _torch_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   residual, relu, num_batches_tracked, guard):
+    """torch.batch_norm (the op under torch.nn.functional.batch_norm: cuDNN on CUDA), then the
+    residual and the ReLU; momentum=None as torch.nn's modules turn it into a factor, 1 /
+    num_batches_tracked. guard: the NaN/Inf guard (route 4; a transform cannot read its flag)."""
+    factor = 0.0 if momentum is None else momentum
+    if training and momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / (float(num_batches_tracked) + 1)  # this batch counted
+    old = None  # both buffers before the update, in one copy, while the guard may need them
+    if guard and training and running_mean is not None and running_var is not None:
+        old = torch.cat((running_mean, running_var))
+    output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
+                              eps, torch.backends.cudnn.enabled)
+    if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
+        num_batches_tracked.add_(1)                   # counts nothing
+    finite = None
+    if old is not None:
+        finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, old)
+    if residual is not None:
+        output = output + residual if not guard else output.add_(residual)
+    if relu:
+        output = torch.relu(output) if not guard else torch.relu_(output)
+    return output, finite
+
+
+def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+                    old: Tensor) -> Tensor:
+    """The NaN/Inf guard after torch's update: the old buffers back, and the batch not counted,
+    when the batch's statistics were not finite. A NaN or Inf in a channel's input makes its
+    variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
+    even at momentum 0, so running_var is the one thing to check. old: both buffers before the
+    update, concatenated."""
+    if running_var.device.type == "cpu":  # reading the flag costs nothing here
+        if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
+            return _FINITE
+        old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
+        running_mean.copy_(old_mean)
+        running_var.copy_(old_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.sub_(1)
+        return _NOT_FINITE
+    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
+    finite = torch.isfinite(running_var).all()  # elsewhere on the device: no host sync
+    running_mean.copy_(torch.where(finite, running_mean, old_mean))
+    running_var.copy_(torch.where(finite, running_var, old_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.sub_((~finite).to(num_batches_tracked.dtype))
+    return finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the family (ghost batch norm, batch renormalization)
+# ---------------------------------------------------------------------------------------------
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None,
+                         num_batches_tracked: Tensor | None, mean: Tensor, m2: Tensor,
+                         count: int | Tensor, momentum: float | None) -> Tensor:
+    """The running-statistics update of one batch of count values per channel (mean and M2 =
+    sum of squared deviations per channel), with its NaN/Inf guard; returns `finite`. Without
+    buffers the batch is only counted, as torch counts it."""
+    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
+    return ops.update_running(running, mean, m2, count)
 
 
 _LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
@@ -127,18 +296,18 @@ def _caller_stacklevel() -> int:
     return level - 1
 
 
-def warn_if_skipped(finite: Tensor, layer=None) -> None:
-    """The RuntimeWarning for a training batch whose statistics were not finite (CPU only:
-    reading the flag elsewhere would cost a host synchronisation every step), pointing at the
-    caller's line and naming the layer; the layer counts its skipped batches."""
-    if finite.device.type != "cpu" or torch.compiler.is_compiling() or finite.item():
-        return
-    where = "batch_norm"
-    if layer is not None:
-        layer.skipped_batches += 1
-        name = f" '{layer._batchnorm_name}'" if layer._batchnorm_name else ""
-        where = (f"{type(layer).__name__}({layer.num_features}){name} (skipped batches so far: "
-                 f"{layer.skipped_batches})")
+def is_skipped(finite: Tensor) -> bool:
+    """Whether a training step's flag says its batch was skipped (non-finite statistics), where
+    reading the flag is free: on CPU, outside tracing. Elsewhere it reads False (a host
+    synchronisation every step would cost more than the warning is worth)."""
+    if finite is _FINITE:  # torch's kernels on CPU, a finite batch: the common case, no read
+        return False
+    return finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item()
+
+
+def warn_skipped(where: str) -> None:
+    """The RuntimeWarning for a skipped training batch, pointing at the caller's line; `where`
+    names the call or the layer."""
     warnings.warn(
         f"{where}: this training batch has non-finite statistics (NaN or Inf in the input); "
         f"running_mean, running_var and num_batches_tracked were left unchanged",
@@ -158,8 +327,11 @@ def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> T
     return output.to(input.dtype)
 
 
-def _check(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
-           training=None):
+_CHECKING_BACKENDS = ("cpu", "aten")  # kernels that check sizes and devices before any write
+
+
+def check_arguments(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                    eps, training=None, sizes_checked_below=False):
     """Every rejection happens here, before any buffer is touched: what torch rejects, with
     torch's exception types (eps must be positive in training and non-negative in eval; any
     float momentum is taken, as torch takes it).
@@ -168,7 +340,43 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
     so they need more than one value per channel. training: whether the call normalizes with
     batch statistics at all (default: local_batch_stats; True for SyncBatchNorm and ghost batch
     norm, whose statistics are not the whole local batch's).
+
+    Every call pays for the check, so the common valid call is recognised in one pass
+    (_plainly_valid); anything else goes through the checks one by one, which name the problem.
+    sizes_checked_below: the kernels the call reaches (the C++ ones, torch's) check the sizes and
+    devices of running_mean, running_var, weight and bias themselves, before writing anything,
+    so the common call skips those here.
     """
+    training = local_batch_stats if training is None else training
+    if not _plainly_valid(input, running_mean, running_var, weight, bias, residual,
+                          local_batch_stats, eps, training, sizes_checked_below):
+        _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+                training)
+
+
+def _plainly_valid(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                   eps, training, sizes_checked_below) -> bool:
+    """True for a call every check below passes (False may still pass them: an empty input)."""
+    if not isinstance(input, Tensor) or not input.is_floating_point() or input.dim() < 2:
+        return False
+    if not (eps > 0 if training else eps >= 0):  # a NaN eps fails both
+        return False
+    if not training and (running_mean is None or running_var is None):
+        return False
+    shape, device = input.shape, input.device
+    channels = shape[1]
+    for vector in (running_mean, running_var, weight, bias):
+        if vector is not None and (not vector.is_floating_point() or not sizes_checked_below and (
+                vector.numel() != channels or vector.device != device)):
+            return False
+    if residual is not None and (residual.shape != shape or residual.device != device):
+        return False
+    return not local_batch_stats or input.numel() != channels  # numel == C: 1 value per channel
+
+
+def _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+            training) -> None:
+    """The checks one by one: raises the first problem found, or returns (a valid call)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm expects input to be a Tensor, got {type(input).__name__}")
     if not (input.is_floating_point()):
@@ -181,7 +389,6 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
             f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
             f"{input.dim()}D input of shape {tuple(input.shape)}"
         )
-    training = local_batch_stats if training is None else training
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training (it keeps the batch "
                          f"variance away from 0), but got {eps}")
@@ -189,6 +396,11 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if input.dim() < 2:
         return
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
+            "running_var, but they were not given; pass them or use training=True"
+        )
     channels = input.shape[1]
     vectors = (("running_mean", running_mean), ("running_var", running_var),
                ("weight", weight), ("bias", bias))
@@ -205,9 +417,9 @@ def _check(input, running_mean, running_var, weight, bias, residual, local_batch
     for name, tensor in vectors:
         if tensor is None:
             continue
-        if tensor.dim() != 1 or tensor.numel() != channels:
+        if tensor.numel() != channels:  # any shape of C values, as torch takes them
             raise RuntimeError(
-                f"batch_norm: {name} should be a 1-D tensor with one value per channel "
+                f"batch_norm: {name} should hold one value per channel "
                 f"({channels} for input of shape {tuple(input.shape)}), got shape "
                 f"{tuple(tensor.shape)}"
             )

@@ -7,7 +7,7 @@ computation is one call to batchnorm.functional.
 """
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -15,7 +15,9 @@ from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm import functional
-from batchnorm.ops import StatsSync
+
+if TYPE_CHECKING:
+    from batchnorm.distributed import StatsSync
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -95,28 +97,33 @@ class _BatchNorm(torch_bn._BatchNorm):
                 f"{type(self).__name__} expects a {expected} input {self._layouts}, got "
                 f"{input.dim()}D input of shape {tuple(input.shape)}"
             )
-        if not isinstance(self, LazyModuleMixin) or not self.has_uninitialized_params():
-            if input.shape[1] != self.num_features:
+        # Only a tensor of the layer fixes its channel count: torch takes any channel count
+        # without weight, bias and running buffers (affine=False, track_running_stats=False,
+        # Lazy layers included, whose num_features then stays 0).
+        if input.shape[1] != self.num_features and (self.affine or
+                                                    self.running_mean is not None):
+            if not (isinstance(self, LazyModuleMixin) and self.has_uninitialized_params()):
                 raise RuntimeError(
                     f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
                     f"channels in dim 1, got input of shape {tuple(input.shape)} with "
                     f"{input.shape[1]} channels"
                 )
 
-    def _use_batch_stats(self) -> bool:
-        """Training normalizes with the batch; eval too when there are no running buffers."""
-        return self.training or (self.running_mean is None and self.running_var is None)
+    def _state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+        """(running_mean, running_var, num_batches_tracked) to pass down, and whether the call
+        normalizes with the batch's statistics: in training, or in eval without running buffers.
 
-    def _buffers_to_update(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """(running_mean, running_var, num_batches_tracked) to pass down.
-
-        In training they are updated only while track_running_stats is on: turning it off after
-        construction freezes the buffers (they are still used in eval), as in torch.
+        In training the buffers are updated only while track_running_stats is on: turning it off
+        after construction freezes them (they are still used in eval), as in torch. Read from
+        the module's dicts once (every call pays for nn.Module's attribute lookup otherwise).
         """
-        if self.training and not self.track_running_stats:
-            return None, None, None
-        tracked = self.num_batches_tracked if self.training else None
-        return self.running_mean, self.running_var, tracked
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if not self.training:
+            return running_mean, running_var, None, running_mean is None and running_var is None
+        if not self.track_running_stats:
+            return None, None, None, True
+        return running_mean, running_var, buffers["num_batches_tracked"], True
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
@@ -124,12 +131,18 @@ class _BatchNorm(torch_bn._BatchNorm):
     def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """The one functional call; residual only from the BatchNormAddReLU classes."""
         self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._buffers_to_update()
-        return functional._batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                      self._use_batch_stats(), self.momentum, self.eps,
-                                      residual=residual, relu=self.relu,
-                                      num_batches_tracked=num_batches_tracked,
-                                      sync=self._sync(), layer=self)
+        running_mean, running_var, num_batches_tracked, batch_stats = self._state()
+        parameters = self._parameters
+        output, finite = functional.batch_norm_step(
+            input, running_mean, running_var, parameters["weight"], parameters["bias"],
+            batch_stats, self.momentum, self.eps, residual=residual, relu=self.relu,
+            num_batches_tracked=num_batches_tracked, sync=self._sync())
+        if finite is not None and functional.is_skipped(finite):
+            self.skipped_batches += 1
+            name = f" '{self._batchnorm_name}'" if self._batchnorm_name else ""
+            functional.warn_skipped(f"{type(self).__name__}({self.num_features}){name} (skipped "
+                                    f"batches so far: {self.skipped_batches})")
+        return output
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What torch.jit.script compiles in our place: torch.nn's layer holding the same
@@ -145,7 +158,7 @@ class _BatchNorm(torch_bn._BatchNorm):
         bn = swap_class(self, base)
         return bn if wrapper is None else wrapper(bn)
 
-    def _sync(self) -> StatsSync | None:
+    def _sync(self) -> "StatsSync | None":
         """How batch statistics are combined across processes: None here (this process only);
         distributed.SyncBatchNorm returns its process group's StatsSync while training."""
         return None

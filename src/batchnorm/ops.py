@@ -1,7 +1,7 @@
 """The batchnorm:: ops: schemas (defined here, once), fake implementations, autograd formulas,
 and the compositions that modules and functional.py call.
 
-    primitives (SyncBatchNorm, double backward, tracing)
+    primitives (SyncBatchNorm, double backward, the family)
     batchnorm::stats            (input) -> (mean, m2)
     batchnorm::elemt            (input, mean, invstd, weight?, bias?, residual?, relu) -> output
     batchnorm::backward_reduce  (grad_out, input, mean, invstd, output?) -> (sum_dy, sum_dy_xhat)
@@ -19,12 +19,15 @@ and the compositions that modules and functional.py call.
                                  mean, m2, count, momentum?) -> finite
 
 kernels/composite.py states the semantics. Each device's kernels are registered for its dispatch
-key (kernels/__init__.py): CPU the C++ extension, CUDA Triton, every other device (and CPU
-without the extension) the composite in torch operations. Every call goes through these ops.
+key (kernels/__init__.py): CPU the C++ extension, CUDA Triton (when selected), every other device
+(and CPU without the extension) the composite in torch operations. functional.py's router sends a
+call here only where such a kernel of ours serves it (route 3); torch's own kernels serve the
+rest.
 
 The primitives have fake implementations and autograd formulas written with the other ops, so
-they are differentiable any number of times (gradgradcheck). The fused ops are called inside
-the autograd.Functions below, which are their autograd formulas.
+they are differentiable any number of times (gradgradcheck). The fused training step has one
+autograd formula per backend: the C++ node registered for AutogradCPU with the C++ kernels
+(kernels/cpu/autograd.cpp), and _BatchNormTrain below for every other backend and SyncBatchNorm.
 
 forward_train updates the running statistics in place: running = running + factor * (batch -
 running), factor = momentum, or 1 / num_batches_tracked when momentum is None (cumulative), with
@@ -33,13 +36,12 @@ updates nothing and returns finite = False. update_running_stats is the same upd
 for SyncBatchNorm, ghost batch norm and batch renormalization.
 """
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from batchnorm import kernels
-from batchnorm.kernels import composite
 from batchnorm.layout import (
     channel_view,
     memory_format,
@@ -48,6 +50,9 @@ from batchnorm.layout import (
     stat_dtype,
     values_per_channel,
 )
+
+if TYPE_CHECKING:
+    from batchnorm.distributed import StatsSync
 
 _lib = torch.library.Library("batchnorm", "DEF")
 
@@ -286,16 +291,6 @@ torch.library.register_autograd("batchnorm::backward_elemt", _backward_elemt_bac
 # ---------------------------------------------------------------------------------------------
 
 
-class StatsSync(Protocol):
-    """What SyncBatchNorm adds to the single-process path: one collective after each reduce."""
-
-    def combine_stats(self, mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-rank (mean, M2, count) -> global (mean, M2, count) by Chan's parallel formula."""
-
-    def sum_grads(self, sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-rank (sum dy, sum dy x_hat) -> their sums over every rank."""
-
-
 class RunningStats(NamedTuple):
     """The buffers a training step updates, and how: momentum, or None for the cumulative
     average over num_batches_tracked."""
@@ -379,18 +374,17 @@ def _parameter_grads(ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output):
 _NO_RUNNING_STATS = RunningStats(None, None, None, 0.0)
 
 
-def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor,
-                   update=update_running_stats) -> Tensor:
-    """`update` (the op; the composite's function while tracing) for a batch of count values per
-    channel; returns `finite`. Without buffers the batch is only counted, as torch counts it."""
+def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor) -> Tensor:
+    """update_running_stats for a batch of count values per channel; returns `finite`. Without
+    buffers the batch is only counted, as torch counts it."""
     if running.mean is None or running.var is None:
         if running.num_batches_tracked is not None:
             running.num_batches_tracked.add_(1)
         return torch.isfinite(m2).all() & torch.isfinite(mean).all()
     if not isinstance(count, Tensor):
         count = torch.full((), count, dtype=m2.dtype, device=m2.device)  # no host-to-device copy
-    return update(running.mean, running.var, running.num_batches_tracked, mean, m2, count,
-                  running.momentum)
+    return update_running_stats(running.mean, running.var, running.num_batches_tracked, mean, m2,
+                                count, running.momentum)
 
 
 def batch_norm_train(
@@ -400,22 +394,25 @@ def batch_norm_train(
     eps: float,
     residual: Tensor | None = None,
     relu: bool = False,
-    sync: StatsSync | None = None,
+    sync: "StatsSync | None" = None,
     running: RunningStats = _NO_RUNNING_STATS,
+    *,
+    node: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize with the batch's statistics and update `running`'s buffers in place.
 
     Returns (output, mean, m2, finite): the batch's per-channel mean and M2 (not
     differentiable) and whether they were finite (a 0-dim bool tensor; False: nothing updated).
 
-    Single process with the C++ extension loaded: forward_train itself, whose autograd formula
-    is registered in C++ (kernels/cpu/autograd.cpp, the same formula as _BatchNormTrain): a
-    Python autograd.Function costs more than the whole step of a small layer (measured:
-    (60, 100) forward + backward 59 us with it, torch.nn 36 us).
+    One autograd formula per backend. node: the C++ kernels serve the input (kernels.backend_name
+    "cpu"; None: ask), whose formula for forward_train is the C++ node registered for AutogradCPU
+    (kernels/cpu/autograd.cpp): forward_train is called as it is. A Python autograd.Function
+    costs more than the whole step of a small layer (measured: (60, 100) forward + backward
+    59 us with it, torch.nn 36 us). Every other backend, and SyncBatchNorm: _BatchNormTrain.
     """
-    if sync is None and tracing():
-        return _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running)
-    if sync is None and kernels.native_cpu():
+    if node is None:
+        node = kernels.backend_name(input) == "cpu"
+    if sync is None and node:
         output, mean, m2, _, finite = forward_train(
             input, weight, bias, residual, relu, eps, running.mean, running.var,
             running.num_batches_tracked, running.momentum)
@@ -442,105 +439,8 @@ def batch_norm_eval(
     Without gradients to record this is the single op forward_eval; with them, elemt (which
     has an autograd formula) on invstd computed here.
     """
-    traced = tracing()
-    if not traced and not _needs_grad(input, mean, var, weight, bias, residual):
+    if not _needs_grad(input, mean, var, weight, bias, residual):
         return forward_eval(input, mean, var, weight, bias, residual, relu, eps)
     acc = stat_dtype(input.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)
-    normalize = composite.elemt if traced else elemt
-    return normalize(input, mean.to(acc), invstd, weight, bias, residual, relu)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.func transforms and forward-mode AD: torch's own batch norm
-# ---------------------------------------------------------------------------------------------
-
-
-def needs_torch_batch_norm(*tensors: Tensor | None) -> bool:
-    """True under a torch.func transform (grad, vmap, jvp, jacrev, ...) or when a tensor carries
-    a forward-mode tangent (torch.autograd.forward_ad): our ops have no batching rules and no
-    forward-mode formulas, so such calls take torch's batch norm, which has both."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:
-        unpack = torch.autograd.forward_ad.unpack_dual
-        return any(t is not None and unpack(t).tangent is not None for t in tensors)
-    return False
-
-
-def torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                     residual=None, relu=False, num_batches_tracked=None) -> Tensor:
-    """torch.nn.functional.batch_norm with this package's extras (residual, ReLU, momentum=None
-    as the cumulative average over num_batches_tracked), as torch.nn's modules call it. The
-    NaN/Inf guard does not apply here: torch updates the buffers with whatever the batch holds."""
-    factor = 0.0 if momentum is None else momentum
-    if training and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
-    output = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                            training, factor, eps)
-    if residual is not None:
-        output = output + residual
-    return torch.relu(output) if relu else output
-
-
-# ---------------------------------------------------------------------------------------------
-# Tracing (torch.compile, torch.export, torch.jit.trace): the same arithmetic in aten operations
-# ---------------------------------------------------------------------------------------------
-
-
-def tracing() -> bool:
-    """True while torch.compile, torch.export or torch.jit.trace records the call. The
-    composite's torch operations are then traced instead of our ops: Inductor fuses them with
-    their neighbours (our ops are opaque to it), an exported graph holds core aten operations
-    only (it loads and runs without this package), and TorchScript records plain aten calls."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing())
-
-
-class _TracedBatchNormTrain(torch.autograd.Function):
-    """Training batch norm in torch operations for tracers: var_mean (a Welford reduction in
-    Inductor, stable without a shift) and the composite's elemt forward, the composite's
-    backward_reduce and backward_elemt backward (the closed form: autograd through var_mean and
-    the broadcasts would add reductions that Inductor cannot remove)."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, residual, eps, relu):
-        acc = stat_dtype(input.dtype)
-        var, mean = torch.var_mean(input.to(acc), reduce_dims(input), correction=0)
-        invstd = torch.rsqrt(var + eps)
-        output = composite.elemt(input, mean, invstd, weight, bias, residual, relu)
-        ctx.has_residual = residual is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, weight, mean, invstd, output if relu else None)
-        ctx.mark_non_differentiable(mean, var)
-        return output, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
-        input, weight, mean, invstd, relu_output = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = composite.backward_reduce(grad_out, input, mean, invstd,
-                                                        relu_output)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            count = values_per_channel(input)
-            grad_input = composite.backward_elemt(grad_out, input, mean, invstd, weight,
-                                                  sum_dy / count, sum_dy_xhat / count,
-                                                  relu_output)
-        grad_weight, grad_bias, grad_residual = _parameter_grads(
-            ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output)
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None
-
-
-def _aten_batch_norm_train(input, weight, bias, eps, residual, relu, running):
-    """batch_norm_train in torch operations (_TracedBatchNormTrain), the running statistics
-    through the composite's traceable update (the NaN/Inf guard a torch.where, momentum=None a
-    tensor factor: no graph break)."""
-    output, mean, var = _TracedBatchNormTrain.apply(input, weight, bias, residual, eps, relu)
-    count = values_per_channel(input)
-    m2 = var * count
-    finite = update_running(running, mean, m2, count, composite.update_running_stats)
-    return output, mean, m2, finite
+    return elemt(input, mean.to(acc), invstd, weight, bias, residual, relu)

@@ -60,7 +60,83 @@ def basic_block() -> torch.nn.Module:
                          nn.Linear(128, 10))
 
 
-E2E_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)), "resnet18": (resnet18, (16, 3, 112, 112))}
+def resnet_64() -> torch.nn.Module:
+    """A small ResNet for 64x64 input: a 3x3 stem, three stages of one basic block (32, 64, 128
+    channels): many small BN layers, where per-call cost shows."""
+    nn = torch.nn
+    blocks, c_in = [], 32
+    for c_out, stride in ((32, 1), (64, 2), (128, 2)):
+        blocks.append(_BasicBlock(c_in, c_out, stride))
+        c_in = c_out
+    return nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+class _LinearBN(torch.nn.Sequential):
+    """LeViT's Linear_BN: a linear layer on tokens (B, N, C), then BatchNorm1d over B * N."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(torch.nn.Linear(c_in, c_out, bias=False), torch.nn.BatchNorm1d(c_out))
+
+    def forward(self, x):
+        linear, bn = self[0], self[1]
+        y = linear(x)
+        return bn(y.flatten(0, 1)).view_as(y)
+
+
+class _LeViTBlock(torch.nn.Module):
+    """Attention and MLP on tokens, each projection a _LinearBN, with residuals (LeViT's)."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = _LinearBN(dim, 3 * dim), _LinearBN(dim, dim)
+        self.mlp = torch.nn.Sequential(_LinearBN(dim, 2 * dim), torch.nn.Hardswish(),
+                                       _LinearBN(2 * dim, dim))
+
+    def forward(self, x):  # (B, N, C)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(x)
+
+
+def levit_like() -> torch.nn.Module:
+    """A LeViT-shaped hybrid for 64x64 input: a conv + BatchNorm2d stem down to 8x8 tokens of 64
+    channels, then two attention blocks whose every projection is Linear + BatchNorm1d."""
+    nn = torch.nn
+    stem = []
+    for c_in, c_out in ((3, 16), (16, 32), (32, 64)):
+        stem += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                 nn.Hardswish()]
+    return nn.Sequential(*stem, nn.Flatten(2), _Tokens(), _LeViTBlock(64), _LeViTBlock(64),
+                         _MeanTokens(), nn.Linear(64, 10))
+
+
+class _Tokens(torch.nn.Module):
+    def forward(self, x):  # (B, C, N) -> (B, N, C)
+        return x.transpose(1, 2)
+
+
+class _MeanTokens(torch.nn.Module):
+    def forward(self, x):  # (B, N, C) -> (B, C)
+        return x.mean(1)
+
+
+def mlp_bn() -> torch.nn.Module:
+    """An MLP with BatchNorm1d after each hidden linear layer (tabular data, the paper's MNIST
+    network): 256 -> 512 -> 512 -> 512 -> 10."""
+    nn = torch.nn
+    layers, widths = [], [256, 512, 512, 512]
+    for w_in, w_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(w_in, w_out, bias=False), nn.BatchNorm1d(w_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(512, 10))
+
+
+E2E_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)), "resnet18": (resnet18, (16, 3, 112, 112)),
+              "resnet-64": (resnet_64, (8, 3, 64, 64)), "levit-like": (levit_like, (8, 3, 64, 64)),
+              "mlp-bn": (mlp_bn, (64, 256))}
 COMPILED_MODELS = {"small-cnn": (small_cnn, (32, 3, 32, 32)),
                    "basic-block": (basic_block, (16, 64, 56, 56))}
 
@@ -98,7 +174,7 @@ def run(threads: list[int], layouts: list[str], rounds: int, repeat: int, compil
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             for name, (factory, shape) in (COMPILED_MODELS if compile else E2E_MODELS).items():
-                for layout in layouts:
+                for layout in layouts if len(shape) == 4 else ["contiguous"]:
                     row = _model_row(name, factory, shape, layout, compile, rounds, repeat)
                     rows.append(dict(row, threads=n_threads))
                     print(_line(rows[-1]), flush=True)

@@ -50,9 +50,9 @@ class FrozenBatchNorm(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects {expected} "
                              f"input with {self.num_features} channels in dim 1, got input of "
                              f"shape {tuple(input.shape)}")
-        return functional._batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                      self.bias, False, 0.0, self.eps, residual=residual,
-                                      relu=self.relu)
+        return functional.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                     self.bias, False, 0.0, self.eps, residual=residual,
+                                     relu=self.relu)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}" + (", relu=True" if self.relu else "")

@@ -43,10 +43,11 @@ def ghost_batch_norm(
     if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
         raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
     if not training or input.numel() == 0:
-        return functional._batch_norm(input, running_mean, running_var, weight, bias, training,
-                                      momentum, eps, num_batches_tracked=num_batches_tracked)
-    functional._check(input, running_mean, running_var, weight, bias, None, False, eps,
-                      training=True)
+        return functional.batch_norm_step(input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps,
+                                          num_batches_tracked=num_batches_tracked)[0]
+    functional.check_arguments(input, running_mean, running_var, weight, bias, None, False, eps,
+                               training=True)
     sizes = ghost_chunk_sizes(input.shape[0], virtual_batch_size)
     per_sample = input.numel() // (input.shape[0] * input.shape[1])
     if min(sizes) * per_sample <= 1:
@@ -84,9 +85,11 @@ def ghost_batch_norm(
     if running_mean is not None and running_var is not None:
         # Once per chunk, in order: exactly batch norm applied to each chunk in turn. A chunk
         # whose statistics are not finite is skipped, as plain batch norm skips such a batch.
-        running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
         for mean, m2, count in zip(means, m2s, counts, strict=True):
-            functional.warn_if_skipped(ops.update_running(running, mean, m2, count))
+            finite = functional.update_running_stats(running_mean, running_var,
+                                                     num_batches_tracked, mean, m2, count, momentum)
+            if functional.is_skipped(finite):
+                functional.warn_skipped("ghost_batch_norm")
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(len(sizes))
     return output
@@ -109,9 +112,9 @@ class _GhostBatchNorm(nn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._buffers_to_update()
+        running_mean, running_var, num_batches_tracked, batch_stats = self._state()
         return ghost_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                self._use_batch_stats(), self.momentum, self.eps,
+                                batch_stats, self.momentum, self.eps,
                                 self.virtual_batch_size, num_batches_tracked=num_batches_tracked)
 
 

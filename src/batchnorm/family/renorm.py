@@ -106,9 +106,10 @@ def batch_renorm(
         raise ValueError("batch_renorm needs running_mean and running_var: r and d compare the "
                          "batch's statistics with them (track_running_stats=True)")
     if not training or input.numel() == 0:
-        return functional._batch_norm(input, running_mean, running_var, weight, bias, training,
-                                      momentum, eps, num_batches_tracked=num_batches_tracked)
-    functional._check(input, running_mean, running_var, weight, bias, None, True, eps)
+        return functional.batch_norm_step(input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps,
+                                          num_batches_tracked=num_batches_tracked)[0]
+    functional.check_arguments(input, running_mean, running_var, weight, bias, None, True, eps)
     bad_r = not isinstance(r_max, Tensor) and r_max < 1  # tensors: no host sync to check
     bad_d = not isinstance(d_max, Tensor) and d_max < 0
     if bad_r or bad_d:
@@ -120,8 +121,10 @@ def batch_renorm(
     output, mean, m2 = _BatchRenormTrain.apply(input, weight, bias, running_mean, running_var,
                                                eps, r_max.to(input.device), d_max.to(input.device))
     count = torch.as_tensor(values_per_channel(input), dtype=m2.dtype, device=m2.device)
-    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
-    functional.warn_if_skipped(ops.update_running(running, mean, m2, count))
+    finite = functional.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                             m2, count, momentum)
+    if functional.is_skipped(finite):
+        functional.warn_skipped("batch_renorm")
     return output
 
 
@@ -163,8 +166,8 @@ class _BatchRenorm(nn._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
-            return functional._batch_norm(input, self.running_mean, self.running_var,
-                                          self.weight, self.bias, False, self.momentum, self.eps)
+            return functional.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                         self.bias, False, 0.0, self.eps)
         r_max, d_max = self.current_limits()
         # track_running_stats turned off after construction freezes the buffers (as in torch):
         # r and d still compare with them, but they are not updated (factor 0, no step counted)

@@ -485,7 +485,7 @@ bool register_kernels() {
   library->impl("forward_eval", TORCH_FN(forward_eval_cpu));
   library->impl("update_running_stats", TORCH_FN(update_running_stats_cpu));
   auto autograd = std::make_unique<torch::Library>(torch::Library::IMPL, "batchnorm",
-                                                   c10::DispatchKey::Autograd, __FILE__,
+                                                   c10::DispatchKey::AutogradCPU, __FILE__,
                                                    __LINE__);
   register_autograd(*autograd);  // autograd.cpp
   registration = std::move(library);
