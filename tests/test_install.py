@@ -1,7 +1,7 @@
 """The first-use build (kernels/cpu/build.py): a package installed without its extension (as an
 ordinary, build-isolated `pip install` leaves it) compiles the bundled C++ sources on first import
 into the cache, once across processes, loads the cached build later, can be turned off, and
-falls back to torch's operations with one warning when the compiler fails.
+falls back to torch's own kernels with one warning when the compiler fails.
 
 Each test runs Python in subprocesses on a copy of this tree's package without the extension
 (whatever is installed), with a temporary cache. One compile in all (about 20-60 s): the tests
@@ -123,7 +123,7 @@ def _extension_suffix():
 def test_opt_out_leaves_torch_operations_with_one_warning(package, tmp_path):
     cache = tmp_path / "cache"
     result, stderr = _run(package, cache, BATCHNORM_BUILD="0")
-    assert not result["native"] and result["backend"] == "composite", result
+    assert not result["native"] and result["backend"] == "aten", result
     assert len(result["warnings"]) == 1, result
     assert "BATCHNORM_BUILD=0" in result["warnings"][0], result
     assert "pip install --no-build-isolation" in result["warnings"][0], result
@@ -133,7 +133,7 @@ def test_opt_out_leaves_torch_operations_with_one_warning(package, tmp_path):
 def test_failing_compiler_falls_back_with_one_warning_and_is_not_retried(package, tmp_path):
     cache = tmp_path / "cache"
     result, stderr = _run(package, cache, CXX="/bin/false")
-    assert not result["native"] and result["backend"] == "composite", result
+    assert not result["native"] and result["backend"] == "aten", result
     assert len(result["warnings"]) == 1, result
     warning = result["warnings"][0]
     assert "compiling them failed" in warning and "/bin/false" in warning, warning

@@ -13,7 +13,7 @@ torch is installed first and the package after it without build isolation (setup
 env.sh does that), or on first use, where the install had no torch to build against (an ordinary
 `pip install`): the first import compiles the bundled sources against the installed torch,
 once, into ~/.cache/batchnorm (build.py; BATCHNORM_BUILD=0 turns that off). Without either the
-package runs on torch's operations and says so once.
+package runs on torch's own kernels and says so once.
 """
 
 import warnings
@@ -33,13 +33,13 @@ def load() -> bool:
         module = build.find()
     except build.Unavailable as why:
         warnings.warn(f"batchnorm: the native CPU kernels are not available: {why.cause}. CPU "
-                      f"tensors run on torch's operations instead. {why.fix}.", RuntimeWarning,
+                      f"tensors run on torch's own kernels instead. {why.fix}.", RuntimeWarning,
                       stacklevel=2)
         return False
     if not module.register_kernels():
         warnings.warn(f"batchnorm: the native CPU kernels were compiled for "
                       f"{module.compiled_capability()}, which this processor lacks; CPU tensors "
-                      f"run on torch's operations instead. Build them on this machine: unset "
+                      f"run on torch's own kernels instead. Build them on this machine: unset "
                       f"BATCHNORM_CPU_CAPABILITY, or reinstall the package here.", RuntimeWarning,
                       stacklevel=2)
         return False

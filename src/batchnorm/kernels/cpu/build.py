@@ -146,7 +146,7 @@ def _build_locked(directory: Path, expected: dict[str, str], compiler: str) -> P
                 extra_cflags=compile_flags.compile_args(expected["capability"]),
                 extra_ldflags=compile_flags.link_args(), build_directory=str(directory),
                 is_python_module=False)
-    except Exception as error:  # any failure of the build leaves torch's operations serving
+    except Exception as error:  # any failure of the build leaves torch's own kernels serving
         seconds = time.perf_counter() - start
         print(f" failed after {seconds:.1f} s", file=sys.stderr, flush=True)
         log = directory / "build.log"
