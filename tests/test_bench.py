@@ -25,6 +25,9 @@ def test_bench_tiny_run_writes_table_and_json(tmp_path, capsys):
     for row in rows:
         assert row["ours_correct"] and row["torch_correct"]
         assert row["ours_ms"] > 0 and row["speedup_vs_torch"] > 0 and row["roofline_ms"] > 0
+        # the copy of the same input, timed in the same rounds, sets the roofline
+        assert row["copy_ms"] > 0 and row["ours_vs_copy"] == row["ours_ms"] / row["copy_ms"]
+        assert row["attempts"] >= 1
     relu = [r for r in rows if r["mode"] == "relu-fwd-bwd"]
     assert all("speedup_vs_unfused" in r for r in relu)
     assert data["machine"]["THP_MEM_ALLOC_ENABLE"] in ("unset", "0", "1")
@@ -118,3 +121,31 @@ def test_bench_e2e_step_is_checked_and_timed():
                          compile=False, rounds=1, repeat=1)
     assert row["correct"] and row["ours_ms"] > 0 and row["no_bn_ms"] > 0
     assert 0 < row["speedup_vs_torch"]
+
+
+@pytest.mark.parametrize("spreads,attempts,noisy", [([0.5, 0.05], 2, False),
+                                                    ([0.5, 0.3, 0.4], 3, True),
+                                                    ([0.01], 1, False)])
+def test_bench_reruns_noisy_rows(monkeypatch, spreads, attempts, noisy):
+    """A row whose spread makes its ratios unreliable is measured again, at most NOISY_RERUNS
+    more times; the calmest attempt is kept, and one still noisy is marked so."""
+    from batchnorm.bench import report, timing
+
+    assert report.NOISY_RERUNS == 2
+    calls = []
+
+    def fake_interleaved(fns, device_type, repeat, rounds):
+        assert report.COPY in fns  # the copy is timed with the providers
+        spread = spreads[len(calls)]
+        calls.append(spread)
+        ms = {name: 1.0 + len(calls) for name in fns}
+        return ms, {name: spread for name in fns}
+
+    monkeypatch.setattr(timing, "interleaved_ms", fake_interleaved)
+    case = {"device": "cpu", "shape": "4x3x5x5", "layout": "contiguous", "dtype": "float32",
+            "mode": "eval-fwd", "threads": 1, "layers": 0, "bytes": 1200}
+    settings = {"providers": ["ours", "torch"], "repeat": 1, "rounds": 1}
+    r = bench._measure(case, (4, 3, 5, 5), torch.float32, torch.device("cpu"), settings)
+    assert len(calls) == r["attempts"] == attempts
+    assert r["noisy"] is noisy and r["spread"] == min(calls)
+    assert r["copy_ms"] == r["ours_ms"]

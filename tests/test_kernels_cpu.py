@@ -45,6 +45,11 @@ CASES = [
     ((2100, 3), "contiguous"),
     ((3, 40, 17, 19), "channels_last"),
     ((2, 3, 130, 131), "contiguous"),
+    # short runs (16 <= S < 256), walked as one span in aligned vectors that cross channels:
+    # a 7x7 map, S equal to a float32 vector (16), and S = 255
+    ((3, 37, 7, 7), "contiguous"),
+    ((2, 5, 16), "contiguous"),
+    ((2, 9, 255), "contiguous"),
 ]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FLAGS = [  # (weight, bias, residual, relu)
@@ -148,6 +153,23 @@ def test_fused_training_step(shape, layout, dtype, flags):
     assert_close(dx, ref_dx, dtype, n, "grad_input")
     assert_close(sum_dy / n, ref_sum_dy / n, tol, n, "sum_dy")
     assert_close(sum_dy_xhat / n, ref_sum_dy_xhat / n, tol, n, "sum_dy_xhat")
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5, 15])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_elemt_short_runs_from_any_alignment(offset, dtype):
+    # x starting `offset` values past an aligned address: the first vector of the span, the run
+    # boundaries inside vectors and the scalar tail all move; every channel must keep its own
+    # constants (make_inputs gives each channel different ones)
+    shape = (3, 11, 7, 7)
+    x, _, res, w, b, mean, invstd = make_inputs(shape, dtype)
+    flat = torch.empty(x.numel() + offset, dtype=dtype)
+    shifted = flat[offset:].view(shape).copy_(x)
+    assert shifted.is_contiguous() and shifted.storage_offset() == offset
+    for residual, relu in ((None, False), (res, True)):
+        y = ops.elemt(shifted, mean, invstd, w, b, residual, relu)
+        assert_close(y, _reference("elemt", x, mean, invstd, w, b, residual, relu), dtype,
+                     what=f"elemt, offset {offset}")
 
 
 @pytest.mark.parametrize("shape,layout", CASES[:6])
@@ -285,12 +307,15 @@ def test_opcheck(layout):
 def _train_step(x, dy):
     out = ops.forward_train(x, None, None, None, True, 1e-5, None, None, None, 0.1)
     y, mean, _, invstd, _ = out
-    return (y, *ops.backward_train(dy, x, mean, invstd, None, y))
+    # and the unfused normalize (eval's pass), which splits the channels the same way
+    return (y, *ops.backward_train(dy, x, mean, invstd, None, y),
+            ops.elemt(x, mean, invstd, None, None, None, False))
 
 
 @pytest.mark.parametrize("shape,layout", [((16, 24, 33, 33), "contiguous"),
                                           ((16, 24, 33, 33), "channels_last"),
-                                          ((70000, 7), "contiguous")])
+                                          ((70000, 7), "contiguous"),
+                                          ((4, 700, 7, 7), "contiguous")])
 def test_two_threads_agree_with_one(shape, layout):
     x, dy = make_inputs(shape, torch.float32, layout, seed=5)[:2]  # (x, dy, ...)
     saved = torch.get_num_threads()

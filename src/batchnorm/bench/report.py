@@ -5,14 +5,20 @@ import json
 import os
 
 NOISY_SPREAD = 0.15
+NOISY_RERUNS = 2  # a noisy row is measured up to this many more times
+COPY = "copy"  # the timed copy of the input that every row carries (not a provider)
 RATIOS = (("torch", "speedup_vs_torch"), ("compile", "speedup_vs_compile"),
           ("ours-unfused", "speedup_vs_unfused"))
 
 
-def row(case: dict, ms: dict, correct: dict, errors: dict, bound_ms: float, spread: dict) -> dict:
-    """One measured case: its description, each provider's median ms and check, ours' ratios."""
-    out = dict(case, roofline_ms=bound_ms)
-    out["spread"] = max(spread.get("ours", 0.0), spread.get("torch", 0.0))
+def row(case: dict, ms: dict, correct: dict, errors: dict, spread: dict,
+        bytes_per_element: int) -> dict:
+    """One measured case: its description, each provider's median ms and check, the copy of the
+    input timed with them, ours' ratios and the spread."""
+    ms = dict(ms)
+    copy_ms = ms.pop(COPY, None)
+    out = dict(case)
+    out["spread"] = max(spread.get(name, 0.0) for name in ("ours", "torch", COPY))
     out["noisy"] = out["spread"] > NOISY_SPREAD
     for name, value in ms.items():
         out[f"{name}_ms"] = value
@@ -23,16 +29,21 @@ def row(case: dict, ms: dict, correct: dict, errors: dict, bound_ms: float, spre
     for other, key in RATIOS:
         if ours is not None and other in ms:
             out[key] = ms[other] / ours
-    if ours is not None:
-        out["x_roofline"] = ours / bound_ms
+    if copy_ms is not None:
+        # a copy moves 2 x size; the mode moves bytes_per_element x size at the least
+        out["copy_ms"] = copy_ms
+        out["roofline_ms"] = copy_ms * bytes_per_element / 2
+        if ours is not None:
+            out["x_roofline"] = ours / out["roofline_ms"]
+            out["ours_vs_copy"] = ours / copy_ms
     return out
 
 
 def table_header(names: list[str]) -> str:
     return (f"{'shape':>20} {'layout':>8} {'mode':>16} {'thr':>3} "
             + " ".join(f"{n + ' ms':>12}" for n in names)
-            + f" {'vs torch':>8} {'vs compile':>10} {'vs unfused':>10} {'x roofline':>10}"
-            + f" {'spread':>6}")
+            + f" {'copy ms':>10} {'vs torch':>8} {'vs compile':>10} {'vs unfused':>10}"
+            + f" {'x roofline':>10} {'spread':>6}")
 
 
 def table_line(r: dict, names: list[str]) -> str:
@@ -50,11 +61,14 @@ def table_line(r: dict, names: list[str]) -> str:
     def ratio(key, width):
         return f"{r[key]:>{width}.2f}" if key in r else f"{'-':>{width}}"
 
+    copy = f"{r['copy_ms']:>10.3f}" if "copy_ms" in r else f"{'-':>10}"
+    attempts = r.get("attempts", 1)
     return (f"{r['shape']:>20} {r['layout'][:8]:>8} {r['mode']:>16} {r['threads']:>3} "
-            + " ".join(cells) + f" {ratio('speedup_vs_torch', 8)} "
+            + " ".join(cells) + f" {copy} {ratio('speedup_vs_torch', 8)} "
             f"{ratio('speedup_vs_compile', 10)} {ratio('speedup_vs_unfused', 10)} "
             f"{ratio('x_roofline', 10)} {r['spread']:>6.0%}"
-            + (" noisy" if r["noisy"] else ""))
+            + (" noisy" if r["noisy"] else "")
+            + (f" ({attempts} runs)" if attempts > 1 else ""))
 
 
 def errors_of(rows: list[dict]) -> list[str]:

@@ -41,12 +41,12 @@ def interleaved_ms(fns: Mapping[str, Callable[[], object]], device_type: str, re
     return ms, spread
 
 
-def copy_ms(numel: int, dtype: torch.dtype, device: torch.device, repeat: int) -> float:
-    """Median time of `dst.copy_(src)` of numel elements: the bandwidth the roofline uses."""
-    src = torch.randn(numel, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return statistics.median(round_ms(lambda: dst.copy_(src), device.type, max(repeat * 3, 9)))
+def copy_of(x: torch.Tensor) -> Callable[[], object]:
+    """A plain copy of x into a preallocated tensor of its layout (`out.copy_(x)`): timed with
+    the providers, round by round, it is the bandwidth a case's time is set against."""
+    out = torch.empty_like(x.detach())
+    source = x.detach()
+    return lambda: out.copy_(source)
 
 
 def allow_recompiles() -> None:

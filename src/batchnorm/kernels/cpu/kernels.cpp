@@ -268,6 +268,73 @@ void channel_elemt(const T* x, const T* residual, T* y, const Layout& L, int64_t
   if (stream) fence_streaming();
 }
 
+// Short runs (S < kShortRun, e.g. the 7x7 and 14x14 maps): channel_elemt's vectors start at each
+// run, so with S = 49 most of them straddle cache lines and every run ends in scalar values
+// (measured: eval of 16x2048x7x7 11% slower than a copy). short_runs_elemt takes the tensor as
+// its N * C runs back to back: a task is a range of runs, one contiguous span of memory (as a
+// copy splits it), walked in vectors aligned to the output; a vector that crosses from one
+// run into the next takes its constants lane by lane (a blend).
+constexpr int64_t kShortRun = 256;
+
+template <typename T, bool kResidual, bool kRelu>
+void short_runs_elemt(const T* x, const T* residual, T* y, const Layout& L, int64_t run0,
+                      int64_t run1, const Acc<T>* mean, const Acc<T>* scale, const Acc<T>* shift) {
+  using A = Acc<T>;
+  using io = IO<T>;
+  using V = typename io::V;
+  constexpr int64_t W = V::size();
+  const int64_t S = L.S, C = L.C;  // W <= S: a vector crosses at most one run boundary
+  const V lane = V::arange(A(0), A(1)), zero(A(0));
+  const bool stream = streaming(L, y);
+  auto scalar = [&](int64_t i, int64_t c) {
+    A v = (static_cast<A>(x[i]) - mean[c]) * scale[c] + shift[c];
+    if constexpr (kResidual) v += static_cast<A>(residual[i]);
+    if constexpr (kRelu) v = v < 0 ? A(0) : v;  // NaN stays NaN, as torch.relu
+    y[i] = static_cast<T>(v);
+  };
+  const int64_t begin = run0 * S, end = run1 * S;
+  int64_t i = begin, c = run0 % C, pos = 0;  // the next value: its channel, its place in the run
+  auto advance = [&]() {  // one value on
+    if (++pos == S) pos = 0, c = c + 1 == C ? 0 : c + 1;
+  };
+  const int64_t head = aligned_head(y + begin, end - begin);  // < W <= S: within the first run
+  for (; i < begin + head; ++i) {
+    scalar(i, c);
+    advance();
+  }
+  V m(mean[c]), k(scale[c]), b(shift[c]);
+  for (; i + W <= end; i += W) {
+    V vm = m, vk = k, vb = b;
+    const int64_t left = S - pos;  // values of channel c from i on
+    if (left > W) {
+      pos += W;
+    } else {  // the vector ends this run (at lane `left`); the next run is channel c + 1
+      c = c + 1 == C ? 0 : c + 1;
+      pos = W - left;
+      m = V(mean[c]), k = V(scale[c]), b = V(shift[c]);
+      if (left < W) {
+        const V first = lane < V(A(left));  // lanes still in the previous run
+        vm = V::blendv(m, vm, first);
+        vk = V::blendv(k, vk, first);
+        vb = V::blendv(b, vb, first);
+      }
+    }
+    V v = at::vec::fmadd(io::load(x + i) - vm, vk, vb);
+    if constexpr (kResidual) v = v + io::load(residual + i);
+    if constexpr (kRelu) v = at::vec::maximum(v, zero);
+    if (stream) {
+      store_streaming(y + i, v);
+    } else {
+      io::store(y + i, v);
+    }
+  }
+  for (; i < end; ++i) {
+    scalar(i, c);
+    advance();
+  }
+  if (stream) fence_streaming();
+}
+
 // dy where the fused ReLU passed the value (output > 0), 0 elsewhere.
 template <typename V>
 V masked(const V& dy, const V& output) {
@@ -657,6 +724,13 @@ void elemt(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* m
       each_row_range(L.rows_count(), L.C, [&](int64_t r0, int64_t r1) {
         rows_elemt<T, kRes, kRelu>(x, residual, y, L.C, r0, r1, mean, scale, shift,
                                    streaming(L, y));
+      });
+      return;
+    }
+    if (L.S >= IO<T>::V::size() && L.S < kShortRun) {
+      at::parallel_for(0, L.N * L.C, std::max<int64_t>(1, kGrain / L.S),
+                       [&](int64_t run0, int64_t run1) {
+        short_runs_elemt<T, kRes, kRelu>(x, residual, y, L, run0, run1, mean, scale, shift);
       });
       return;
     }

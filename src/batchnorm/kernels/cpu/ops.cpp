@@ -75,17 +75,26 @@ Dense dense(const Tensor& input, const char* op) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Large outputs: huge pages and a reuse pool
+// Outputs: a reuse pool (and huge pages for large ones)
 // ---------------------------------------------------------------------------------------------
-// torch's CPU allocator takes 4 KiB pages from the OS for a large tensor (unless
-// THP_MEM_ALLOC_ENABLE=1), and every page of a fresh output faults and is zeroed before the kernel
-// writes it: for a memory-bound kernel that costs as much as the kernel. Outputs of kLargeBytes
-// and more are therefore 2 MiB-aligned blocks with transparent huge pages asked for (madvise),
-// and a freed block is kept for the next output of the same size while the pool holds less than
-// BATCHNORM_CPU_POOL_MB (default 256; 0 turns the pool off).
+// torch's CPU allocator takes a fresh output from malloc, and for outputs past glibc's mmap and
+// trim thresholds (128 KiB at first, moved by the sizes freed) every page of it faults and is
+// zeroed before the kernel writes it: measured at a 1 MiB (256, 1024) training step, the faults
+// cost more than the kernels (perf: exc_page_fault first). Outputs of kPooledBytes and more are
+// therefore blocks of our own, and a freed block is kept for the next output of the same size
+// while the pool holds less than BATCHNORM_CPU_POOL_MB (default 256; 0 turns the pool off).
+// Blocks of 2 MiB and more are 2 MiB-aligned with transparent huge pages asked for (madvise);
+// smaller ones are page-aligned, their size rounded up to whole pages.
 
-constexpr size_t kLargeBytes = size_t(4) << 20;
+constexpr size_t kPooledBytes = size_t(256) << 10;
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kPage = size_t(4) << 10;
+
+// The block size an output of `bytes` takes: whole huge pages from 2 MiB on, else whole pages.
+size_t block_bytes(size_t bytes) {
+  const size_t unit = bytes >= kHugePage ? kHugePage : kPage;
+  return (bytes + unit - 1) / unit * unit;
+}
 
 struct OutputPool {
   std::mutex mutex;
@@ -109,9 +118,10 @@ struct OutputPool {
       }
     }
     void* block = nullptr;
-    TORCH_CHECK(posix_memalign(&block, kHugePage, bytes) == 0, "batchnorm: could not allocate ",
-                bytes, " bytes for an output");
-    madvise(block, bytes, MADV_HUGEPAGE);  // a hint: without THP the block still works
+    const bool huge = bytes >= kHugePage;
+    TORCH_CHECK(posix_memalign(&block, huge ? kHugePage : kPage, bytes) == 0,
+                "batchnorm: could not allocate ", bytes, " bytes for an output");
+    if (huge) madvise(block, bytes, MADV_HUGEPAGE);  // a hint: without THP the block still works
     return block;
   }
   void release(void* block, size_t bytes) {
@@ -135,8 +145,8 @@ OutputPool& output_pool() {
 // An uninitialized tensor with x's sizes, strides and dtype (x is dense).
 Tensor empty_output(const Tensor& x) {
   const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
-  if (bytes < kLargeBytes) return at::empty_like(x);
-  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (bytes < kPooledBytes) return at::empty_like(x);
+  const size_t rounded = block_bytes(bytes);
   void* block = output_pool().acquire(rounded);
   return at::from_blob(block, x.sizes(), x.strides(),
                        [rounded](void* p) { output_pool().release(p, rounded); }, x.options());
