@@ -167,6 +167,30 @@ def test_onnx_of_a_model_in_training_mode(dynamo):
         torch.testing.assert_close(_onnxruntime(got, x), ours(x), atol=1e-5, rtol=1e-5)
 
 
+
+@needs_onnx
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("case", ["1d_linear", "2d", "2d_channels_last", "3d", "relu2d", "add_relu2d"])
+def test_onnx_training_export_matches_torch_nn(case, momentum):
+    """torch.onnx.export(..., dynamo=False, training=TrainingMode.TRAINING), which torch.nn's
+    layers export (BatchNormalization with training_mode=1), exports ours to the same nodes;
+    onnxruntime then normalizes with the batch's statistics, as torch.nn's training forward."""
+    reference, ours, x = _pair(case, momentum=momentum)
+    graphs = []
+    for model in (reference, ours):
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.train(), (x,), buffer, dynamo=False,
+                              training=torch.onnx.TrainingMode.TRAINING)
+        graphs.append(onnx.load_from_string(buffer.getvalue()))
+    assert _node_counts(graphs[1]) == _node_counts(graphs[0])
+    assert "BatchNormalization" in _node_counts(graphs[1])
+    torch.testing.assert_close(_onnxruntime(graphs[1], x), _onnxruntime(graphs[0], x))
+    with torch.no_grad():
+        torch.testing.assert_close(_onnxruntime(graphs[1], x), reference.train()(x),
+                                   atol=1e-5, rtol=1e-5)
+
 def _nan_batch(x):
     x = x.clone()
     x[(0, 1) + (0,) * (x.dim() - 2)] = float("nan")  # one value of channel 1

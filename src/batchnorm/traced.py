@@ -19,7 +19,9 @@ layer records, plus this package's extras as plain operations:
                                 mean and invstd in tensor operations: momentum=None's cumulative
                                 factor 1 / num_batches_tracked is a tensor and the NaN/Inf guard
                                 a torch.where, so there is no graph break and no host
-                                synchronisation (no .item())
+                                synchronisation (no .item()); under the TorchScript-based ONNX
+                                exporter's training mode, torch.nn's own call (ONNX's
+                                BatchNormalization updates the statistics itself; no guard)
 
 The training update is done here rather than by torch's op (which updates its buffers itself)
 because torch's op knows neither the guard nor a tensor momentum.
@@ -76,6 +78,17 @@ def batch_norm(
         output = F.batch_norm(input, None, None, weight, bias, True, factor, eps)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+    elif torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+        # The TorchScript-based ONNX exporter in training mode (training=TrainingMode.TRAINING):
+        # it has no symbolic for native_batch_norm, and ONNX's BatchNormalization(training_mode=1)
+        # updates the running statistics itself, with no way to express the NaN/Inf guard. So
+        # record torch.nn's very call (its factor for momentum=None read from the count, as
+        # torch.nn's layer reads it): the exported graph is the torch.nn model's.
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
     else:
         output, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0,
                                                        eps)
