@@ -6,6 +6,7 @@ The references are the composite kernels (kernels/composite.py, the contract) ev
 float64 copies of the inputs, with `kernels.use("composite")` so that no C++ kernel takes part.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -181,6 +182,35 @@ def test_forward_eval(shape, layout, dtype):
     assert y.stride() == x.stride()
     assert_close(y, _reference("forward_eval", x, mean.to(dtype), var, w, b, res, True, 1e-3),
                  dtype, what="forward_eval")
+
+
+@pytest.mark.parametrize("channels", [1, 7, 8, 127, 128, 129, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_eval_factors_are_the_scalar_formula(channels, dtype, affine):
+    # forward_eval computes invstd = 1 / sqrt(var + eps) in vectors of doubles, chunk by chunk
+    # (channel counts around the vector width and the chunk, and a scalar tail): the output must
+    # be bit for bit elemt's with invstd from that formula in double, rounded to the statistics'
+    # dtype, over variances of every magnitude, 0 with eps 0 (invstd inf) and inf (invstd 0)
+    generator = torch.Generator().manual_seed(channels)
+    acc = stat_dtype(dtype)
+    x = torch.randn(2, channels, 3, 5, generator=generator).to(dtype)
+    var = torch.rand(channels, generator=generator, dtype=torch.float64)
+    var = (var * 10.0 ** torch.randint(-30, 30, (channels,), generator=generator)).to(acc)
+    var[0] = 0
+    var[channels // 2] = float("inf") if channels > 1 else 0
+    mean = torch.randn(channels, generator=generator).to(acc)
+    w = torch.rand(channels, generator=generator).add_(0.5).to(acc) if affine else None
+    b = torch.randn(channels, generator=generator).to(acc) if affine else None
+    for eps in (0.0, 1e-5):
+        # in Python floats: IEEE square root and division (torch.sqrt of float64 is not always
+        # the correctly rounded root)
+        invstd = torch.tensor([1 / math.sqrt(v + eps) if v + eps > 0 else math.inf
+                               for v in var.double().tolist()], dtype=torch.float64).to(acc)
+        y = ops.forward_eval(x, mean, var, w, b, None, False, eps)
+        expected = ops.elemt(x, mean, invstd, w, b, None, False)
+        assert torch.equal(y.isnan(), expected.isnan())
+        assert torch.equal(y.nan_to_num(), expected.nan_to_num()), f"eps {eps}"
 
 
 @pytest.mark.parametrize("momentum", [0.1, None, 1.0])

@@ -742,6 +742,30 @@ void elemt(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* m
   });
 }
 
+// The square root and the division are the cost (scalar, ~3 ns a channel: 5.7 us at C = 2048,
+// as much as a 16x2048x7x7 eval pays over a copy); in vectors of doubles, chunk by chunk.
+template <typename A>
+void eval_factors(const A* var, const A* weight, const A* bias, double eps, int64_t C, A* scale,
+                  A* shift) {
+  using VD = Vectorized<double>;
+  constexpr int64_t kChunk = 16 * VD::size();
+  double invstd[kChunk];
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    for (int64_t i = 0; i < n; ++i) invstd[i] = static_cast<double>(var[c0 + i]) + eps;
+    int64_t i = 0;
+    for (; i + VD::size() <= n; i += VD::size()) {
+      VD::loadu(invstd + i).sqrt().reciprocal().store(invstd + i);
+    }
+    for (; i < n; ++i) invstd[i] = 1.0 / std::sqrt(invstd[i]);
+    for (i = 0; i < n; ++i) {
+      const A k = static_cast<A>(invstd[i]);
+      scale[c0 + i] = weight ? k * weight[c0 + i] : k;
+      shift[c0 + i] = bias ? bias[c0 + i] : A(0);
+    }
+  }
+}
+
 template <typename T>
 void backward_reduce(const T* dy, const T* x, const T* output, const Layout& L,
                      const Acc<T>* mean, const Acc<T>* invstd, Acc<T>* sum_dy,
@@ -903,6 +927,11 @@ bool capability_supported() {
                                  const Acc<T>*, bool, double, double*, double*, Acc<T>*);      \
   template void backward_train<T>(const T*, const T*, const T*, T*, const Layout&,             \
                                   const Acc<T>*, const Acc<T>*, const Acc<T>*, Acc<T>*, Acc<T>*);
+
+template void eval_factors<float>(const float*, const float*, const float*, double, int64_t,
+                                 float*, float*);
+template void eval_factors<double>(const double*, const double*, const double*, double, int64_t,
+                                   double*, double*);
 
 BATCHNORM_INSTANTIATE(float)
 BATCHNORM_INSTANTIATE(double)

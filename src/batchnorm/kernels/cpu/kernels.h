@@ -38,6 +38,14 @@ template <typename T>
 void elemt(const T* x, const T* residual, T* y, const Layout& L, const Acc<T>* mean,
            const Acc<T>* scale, const Acc<T>* shift, bool relu);
 
+// Eval's per-channel factors from the running variance: scale = invstd * weight (weight may be
+// null: 1), shift = bias (null: 0), invstd = 1 / sqrt(var + eps) in double, rounded to A, as
+// `static_cast<A>(1.0 / std::sqrt(double(var) + eps))` (vector square roots and divisions round
+// as the scalar ones do: the same bits).
+template <typename A>
+void eval_factors(const A* var, const A* weight, const A* bias, double eps, int64_t C, A* scale,
+                  A* shift);
+
 // sum_dy = sum(dy), sum_dy_xhat = sum(dy * (x - mean)) * invstd; dy masked by output > 0 when
 // output is given (a fused ReLU's forward output).
 template <typename T>

@@ -294,21 +294,14 @@ std::tuple<Tensor, Tensor> stats_cpu(const Tensor& input) {
   return {mean, m2};
 }
 
-// elemt with the per-channel factors given as pointers (nullptr: weight 1, bias 0).
+// y = (x - mean) * scale + shift [+ res] [ReLU] into a new output in x's layout.
 template <typename T>
-Tensor elemt_with(const Dense& d, const Acc<T>* mean, const Acc<T>* invstd, const Acc<T>* w,
-                  const Acc<T>* b, const Tensor& res, bool relu) {
-  using A = Acc<T>;
+Tensor elemt_into_output(const Dense& d, const Acc<T>* mean, const Acc<T>* scale,
+                         const Acc<T>* shift, const Tensor& res, bool relu) {
   Tensor y = empty_output(d.t);
   if (y.numel() == 0) return y;
-  const int64_t C = d.L.C;
-  std::vector<A> scale(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) {
-    scale[c] = w ? invstd[c] * w[c] : invstd[c];
-    shift[c] = b ? b[c] : A(0);
-  }
   elemt<T>(d.t.const_data_ptr<T>(), ptr_or_null<T>(res), y.mutable_data_ptr<T>(), d.L, mean,
-           scale.data(), shift.data(), relu);
+           scale, shift, relu);
   return y;
 }
 
@@ -327,11 +320,17 @@ Tensor elemt_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd,
     const A* is = channel_ptr<A>(invstd, C, k1, op, "invstd");
     const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
     const A* b = channel_ptr<A>(bias, C, k3, op, "bias");
-    y = elemt_with<scalar_t>(d, m, is, w, b, res, relu);
+    std::vector<A> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w ? is[c] * w[c] : is[c];
+      shift[c] = b ? b[c] : A(0);
+    }
+    y = elemt_into_output<scalar_t>(d, m, scale.data(), shift.data(), res, relu);
   });
   return y;
 }
 
+// Eval: the factors straight from the running variance (eval_factors), then elemt.
 Tensor forward_eval_cpu(const Tensor& input, const Tensor& running_mean,
                         const Tensor& running_var, const OptTensor& weight, const OptTensor& bias,
                         const OptTensor& residual, bool relu, double eps) {
@@ -347,11 +346,9 @@ Tensor forward_eval_cpu(const Tensor& input, const Tensor& running_mean,
     const A* v = channel_ptr<A>(running_var, C, k1, op, "running_var");  // usually in place
     const A* w = channel_ptr<A>(weight, C, k2, op, "weight");
     const A* b = channel_ptr<A>(bias, C, k3, op, "bias");
-    std::vector<A> invstd(C);
-    for (int64_t c = 0; c < C; ++c) {
-      invstd[c] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(v[c]) + eps));
-    }
-    y = elemt_with<scalar_t>(d, m, invstd.data(), w, b, res, relu);
+    std::vector<A> scale(C), shift(C);
+    eval_factors<A>(v, w, b, eps, C, scale.data(), shift.data());
+    y = elemt_into_output<scalar_t>(d, m, scale.data(), shift.data(), res, relu);
   });
   return y;
 }
