@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels, ops, traced
-from batchnorm.layout import channel_view, memory_format
+from batchnorm.layout import channel_view, memory_format, sizes
 
 if TYPE_CHECKING:
     from batchnorm.distributed import StatsSync
@@ -363,15 +363,15 @@ def _plainly_valid(input, running_mean, running_var, weight, bias, residual, loc
         return False
     if not training and (running_mean is None or running_var is None):
         return False
-    shape, device = input.shape, input.device
+    shape, device = sizes(input), input.device  # ints, also under torch.jit.trace
     channels = shape[1]
     for vector in (running_mean, running_var, weight, bias):
         if vector is not None and (not vector.is_floating_point() or not sizes_checked_below and (
                 vector.numel() != channels or vector.device != device)):
             return False
-    if residual is not None and (residual.shape != shape or residual.device != device):
+    if residual is not None and (sizes(residual) != shape or residual.device != device):
         return False
-    return not local_batch_stats or input.numel() != channels  # numel == C: 1 value per channel
+    return not local_batch_stats or shape.numel() != channels  # numel == C: 1 value per channel
 
 
 def _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
@@ -384,10 +384,11 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             f"batch_norm expects a floating-point input (float16, bfloat16, float32, float64), "
             f"got dtype {input.dtype}"
         )
-    if input.dim() < 2 and input.numel() > 0:  # torch takes an empty 1-D input, (0,)
+    shape = sizes(input)  # ints, also under torch.jit.trace
+    if input.dim() < 2 and shape.numel() > 0:  # torch takes an empty 1-D input, (0,)
         raise ValueError(
             f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
-            f"{input.dim()}D input of shape {tuple(input.shape)}"
+            f"{input.dim()}D input of shape {tuple(shape)}"
         )
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training (it keeps the batch "
@@ -401,7 +402,7 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
             "running_var, but they were not given; pass them or use training=True"
         )
-    channels = input.shape[1]
+    channels = shape[1]
     vectors = (("running_mean", running_mean), ("running_var", running_var),
                ("weight", weight), ("bias", bias))
     for name, tensor in (*vectors, ("residual", residual)):
@@ -409,26 +410,26 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             raise RuntimeError(f"batch_norm: {name} is on {tensor.device}, expected "
                                f"{input.device} like the input: every tensor argument must be on "
                                f"the input's device")
-    if residual is not None and residual.shape != input.shape:
+    if residual is not None and sizes(residual) != shape:
         raise RuntimeError(
-            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
-            f"{tuple(residual.shape)}"
+            f"batch_norm: residual must have the input's shape {tuple(shape)}, got "
+            f"{tuple(sizes(residual))}"
         )
     for name, tensor in vectors:
         if tensor is None:
             continue
-        if tensor.numel() != channels:  # any shape of C values, as torch takes them
+        if sizes(tensor).numel() != channels:  # any shape of C values, as torch takes them
             raise RuntimeError(
                 f"batch_norm: {name} should hold one value per channel "
-                f"({channels} for input of shape {tuple(input.shape)}), got shape "
-                f"{tuple(tensor.shape)}"
+                f"({channels} for input of shape {tuple(shape)}), got shape "
+                f"{tuple(sizes(tensor))}"
             )
         if not tensor.is_floating_point():
             raise RuntimeError(f"batch_norm: {name} must be floating point, got {tensor.dtype}")
-    if local_batch_stats and input.numel() > 0:
-        values_per_channel = input.numel() // channels
+    if local_batch_stats and shape.numel() > 0:
+        values_per_channel = shape.numel() // channels
         if values_per_channel <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
+                f"{shape}"
             )
