@@ -206,9 +206,9 @@ def _our_kernels(input, running_mean, running_var, weight, bias, training, momen
                                    residual, relu), None
     if running_mean is None or running_var is None:
         running_mean = running_var = None  # as torch: both or neither are updated
-    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
-                                                running, node=node)
+                                                running_mean, running_var, num_batches_tracked,
+                                                momentum, node=node)
     return output, (None if running_mean is None else finite)
 
 
@@ -302,7 +302,7 @@ def is_skipped(finite: Tensor) -> bool:
     synchronisation every step would cost more than the warning is worth)."""
     if finite is _FINITE:  # torch's kernels on CPU, a finite batch: the common case, no read
         return False
-    return finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item()
+    return finite.is_cpu and not torch.compiler.is_compiling() and not finite.item()
 
 
 def warn_skipped(where: str) -> None:

@@ -56,6 +56,10 @@ using BackwardElemt = Tensor(const Tensor&, const Tensor&, const Tensor&, const 
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+// t in dtype; as itself when it is already (Tensor::to would return it too, after a dispatch).
+Tensor in_dtype(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 
 // forward_train's kernel for the input's device, dispatched below the Autograd key.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_train_below_autograd(
@@ -134,8 +138,8 @@ struct BatchNormTrainBackward : public torch::autograd::Node {
       }
     }
     result[0] = grad_input;
-    if (weight_grad) result[1] = sum_dy_xhat.to(weight_dtype_);
-    if (bias_grad) result[2] = sum_dy.to(bias_dtype_);
+    if (weight_grad) result[1] = in_dtype(sum_dy_xhat, weight_dtype_);
+    if (bias_grad) result[2] = in_dtype(sum_dy, bias_dtype_);
     if (residual_grad) {
       // where(output > 0, dy, 0): 0 at a NaN output; TensorIterator lays the result out like
       // the output (channels-last stays channels-last, as torch's relu backward keeps it).
