@@ -107,9 +107,11 @@ def batch_norm_step(
     """
     backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
     checked_below = backend in _CHECKING_BACKENDS
-    check_arguments(input, running_mean, running_var, weight, bias, residual,
-                    training and sync is None, eps, training=training,
-                    sizes_checked_below=checked_below)
+    local_batch_stats = training and sync is None
+    if not _plainly_valid(input, running_mean, running_var, weight, bias, residual,
+                          local_batch_stats, eps, training, checked_below):  # check_arguments
+        _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                eps, training)
     try:
         return _route(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       residual, relu, num_batches_tracked, sync, backend)
@@ -117,8 +119,8 @@ def batch_norm_step(
         if not checked_below:
             raise
         error = failed  # a kernel refused an argument: say which, as check_arguments would
-    _reject(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-            eps, training)
+    _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+            training)
     raise error
 
 
@@ -178,8 +180,11 @@ def _torch_takes(input: Tensor, *vectors: Tensor | None) -> bool:
     """Whether torch's kernels take these dtypes: per-channel tensors of the input's dtype, or
     float32 ones with a float16 / bfloat16 input (not the reverse)."""
     dtype = input.dtype
-    return all(v is None or v.dtype == dtype or (v.dtype == torch.float32 and dtype in _HALF)
-               for v in vectors)
+    for v in vectors:
+        if v is not None and v.dtype != dtype and not (v.dtype == torch.float32
+                                                       and dtype in _HALF):
+            return False
+    return True
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -231,7 +236,7 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     if guard and training and running_mean is not None and running_var is not None:
         old = torch.cat((running_mean, running_var))
     output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
-                              eps, torch.backends.cudnn.enabled)
+                              eps, input.is_cuda and torch.backends.cudnn.enabled)
     if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
         num_batches_tracked.add_(1)                   # counts nothing
     finite = None
@@ -251,7 +256,7 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
     even at momentum 0, so running_var is the one thing to check. old: both buffers before the
     update, concatenated."""
-    if running_var.device.type == "cpu":  # reading the flag costs nothing here
+    if running_var.is_cpu:  # reading the flag costs nothing here
         if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
             return _FINITE
         old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
