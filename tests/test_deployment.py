@@ -189,7 +189,8 @@ def test_onnx_of_a_model_in_training_mode(dynamo):
 
 @needs_onnx
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-@pytest.mark.parametrize("case", ["1d_linear", "2d", "2d_channels_last", "3d", "relu2d", "add_relu2d"])
+@pytest.mark.parametrize("case", ["1d_linear", "2d", "2d_channels_last", "3d", "relu2d",
+                                  "add_relu2d"])
 def test_onnx_training_export_matches_torch_nn(case, momentum):
     """torch.onnx.export(..., dynamo=False, training=TrainingMode.TRAINING), which torch.nn's
     layers export (BatchNormalization with training_mode=1), exports ours to the same nodes;
