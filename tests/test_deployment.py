@@ -114,6 +114,25 @@ def test_export_eval_graph_equals_torch_nn(case):
     torch.testing.assert_close(decomposed.module()(x), reference(x))
 
 
+def _tracer_warnings(model, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(model, (x,), check_trace=False)
+    return [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", CASES)
+def test_jit_trace_warns_no_more_than_torch_nn(case, training):
+    """The argument checks compare plain ints while torch.jit.trace records (the TorchScript
+    ONNX exporter traces so): a traced size compared in Python warns and costs ~0.1 ms a layer."""
+    reference, ours, x = _pair(case)
+    reference.train(training)
+    ours.train(training)
+    got, expected = _tracer_warnings(ours, x), _tracer_warnings(reference, x)
+    assert len(got) <= len(expected), got  # torch.nn's training forward checks its batch size
+
+
 def _onnx(model, x, dynamo):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -170,7 +189,8 @@ def test_onnx_of_a_model_in_training_mode(dynamo):
 
 @needs_onnx
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-@pytest.mark.parametrize("case", ["1d_linear", "2d", "2d_channels_last", "3d", "relu2d", "add_relu2d"])
+@pytest.mark.parametrize("case", ["1d_linear", "2d", "2d_channels_last", "3d", "relu2d",
+                                  "add_relu2d"])
 def test_onnx_training_export_matches_torch_nn(case, momentum):
     """torch.onnx.export(..., dynamo=False, training=TrainingMode.TRAINING), which torch.nn's
     layers export (BatchNormalization with training_mode=1), exports ours to the same nodes;

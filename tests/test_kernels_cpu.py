@@ -6,12 +6,14 @@ The references are the composite kernels (kernels/composite.py, the contract) ev
 float64 copies of the inputs, with `kernels.use("composite")` so that no C++ kernel takes part.
 """
 
+import gc
 import math
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -297,6 +299,45 @@ def test_is_the_cpu_backend():
     assert kernels.backend_name(torch.empty(2, 3)) == "cpu"
     torch.testing.assert_close(ops.elemt(x, x[0], x[1].abs(), None, None, None, False),
                                y_composite)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_training_node_behaves_as_torchs_nodes(relu):
+    """The C++ node of forward_train (autograd.cpp) keeps what autograd promises of every node:
+    its saved tensors go through saved-tensor hooks, are freed after a backward (a second one
+    raises), are checked for in-place changes, and keep no reference cycle with the output they
+    save for the ReLU mask; a gradient asked for one argument only is that argument's."""
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def step(input):
+        return ops.forward_train(input, weight, bias, None, relu, 1e-5, None, None, None, 0.1)[0]
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = step(x)
+    assert y.grad_fn.name() == "BatchNormTrainBackward"
+    assert len(packed) == 4 + relu  # input, weight, mean, invstd (+ the output)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    changed = x * 1
+    y = step(changed)
+    changed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    (grad_weight,) = torch.autograd.grad((step(x) * x).sum(), [weight])
+    expected = torch.autograd.grad((composite_step(x, weight, bias, relu) * x).sum(), [weight])[0]
+    torch.testing.assert_close(grad_weight, expected)
+    output = weakref.ref(step(x))
+    gc.collect()
+    assert output() is None
+
+
+def composite_step(x, weight, bias, relu):
+    with kernels.use("composite"):
+        return ops.batch_norm_train(x, weight, bias, 1e-5, None, relu)[0]
 
 
 def test_wrong_device_and_shape_are_clear_errors():

@@ -219,7 +219,7 @@ def test_layers_without_tensors_take_any_channel_count(rank):
 
 
 def test_backends_are_named_and_checked():
-    cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, is_cpu=False)
     meta = torch.empty(2, 3, device="meta")
     assert kernels.backend_name(cuda) == "aten"  # CUDA: torch's kernels (cuDNN) by default
     assert kernels.backend_name(meta) == "aten"

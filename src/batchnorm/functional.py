@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels, ops, traced
-from batchnorm.layout import channel_view, memory_format
+from batchnorm.layout import channel_view, memory_format, sizes
 
 if TYPE_CHECKING:
     from batchnorm.distributed import StatsSync
@@ -107,9 +107,11 @@ def batch_norm_step(
     """
     backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
     checked_below = backend in _CHECKING_BACKENDS
-    check_arguments(input, running_mean, running_var, weight, bias, residual,
-                    training and sync is None, eps, training=training,
-                    sizes_checked_below=checked_below)
+    local_batch_stats = training and sync is None
+    if not _plainly_valid(input, running_mean, running_var, weight, bias, residual,
+                          local_batch_stats, eps, training, checked_below):  # check_arguments
+        _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
+                eps, training)
     try:
         return _route(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       residual, relu, num_batches_tracked, sync, backend)
@@ -117,8 +119,8 @@ def batch_norm_step(
         if not checked_below:
             raise
         error = failed  # a kernel refused an argument: say which, as check_arguments would
-    _reject(input, running_mean, running_var, weight, bias, residual, training and sync is None,
-            eps, training)
+    _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
+            training)
     raise error
 
 
@@ -178,8 +180,11 @@ def _torch_takes(input: Tensor, *vectors: Tensor | None) -> bool:
     """Whether torch's kernels take these dtypes: per-channel tensors of the input's dtype, or
     float32 ones with a float16 / bfloat16 input (not the reverse)."""
     dtype = input.dtype
-    return all(v is None or v.dtype == dtype or (v.dtype == torch.float32 and dtype in _HALF)
-               for v in vectors)
+    for v in vectors:
+        if v is not None and v.dtype != dtype and not (v.dtype == torch.float32
+                                                       and dtype in _HALF):
+            return False
+    return True
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -206,9 +211,9 @@ def _our_kernels(input, running_mean, running_var, weight, bias, training, momen
                                    residual, relu), None
     if running_mean is None or running_var is None:
         running_mean = running_var = None  # as torch: both or neither are updated
-    running = ops.RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
-                                                running, node=node)
+                                                running_mean, running_var, num_batches_tracked,
+                                                momentum, node=node)
     return output, (None if running_mean is None else finite)
 
 
@@ -231,7 +236,7 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     if guard and training and running_mean is not None and running_var is not None:
         old = torch.cat((running_mean, running_var))
     output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
-                              eps, torch.backends.cudnn.enabled)
+                              eps, input.is_cuda and torch.backends.cudnn.enabled)
     if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
         num_batches_tracked.add_(1)                   # counts nothing
     finite = None
@@ -251,7 +256,7 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
     even at momentum 0, so running_var is the one thing to check. old: both buffers before the
     update, concatenated."""
-    if running_var.device.type == "cpu":  # reading the flag costs nothing here
+    if running_var.is_cpu:  # reading the flag costs nothing here
         if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
             return _FINITE
         old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
@@ -302,7 +307,7 @@ def is_skipped(finite: Tensor) -> bool:
     synchronisation every step would cost more than the warning is worth)."""
     if finite is _FINITE:  # torch's kernels on CPU, a finite batch: the common case, no read
         return False
-    return finite.device.type == "cpu" and not torch.compiler.is_compiling() and not finite.item()
+    return finite.is_cpu and not torch.compiler.is_compiling() and not finite.item()
 
 
 def warn_skipped(where: str) -> None:
@@ -363,15 +368,15 @@ def _plainly_valid(input, running_mean, running_var, weight, bias, residual, loc
         return False
     if not training and (running_mean is None or running_var is None):
         return False
-    shape, device = input.shape, input.device
+    shape, device = sizes(input), input.device  # ints, also under torch.jit.trace
     channels = shape[1]
     for vector in (running_mean, running_var, weight, bias):
         if vector is not None and (not vector.is_floating_point() or not sizes_checked_below and (
                 vector.numel() != channels or vector.device != device)):
             return False
-    if residual is not None and (residual.shape != shape or residual.device != device):
+    if residual is not None and (sizes(residual) != shape or residual.device != device):
         return False
-    return not local_batch_stats or input.numel() != channels  # numel == C: 1 value per channel
+    return not local_batch_stats or shape.numel() != channels  # numel == C: 1 value per channel
 
 
 def _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
@@ -384,10 +389,11 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             f"batch_norm expects a floating-point input (float16, bfloat16, float32, float64), "
             f"got dtype {input.dtype}"
         )
-    if input.dim() < 2 and input.numel() > 0:  # torch takes an empty 1-D input, (0,)
+    shape = sizes(input)  # ints, also under torch.jit.trace
+    if input.dim() < 2 and shape.numel() > 0:  # torch takes an empty 1-D input, (0,)
         raise ValueError(
             f"batch_norm expects an input of at least 2 dimensions (N, C, *), got "
-            f"{input.dim()}D input of shape {tuple(input.shape)}"
+            f"{input.dim()}D input of shape {tuple(shape)}"
         )
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training (it keeps the batch "
@@ -401,7 +407,7 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
             "running_var, but they were not given; pass them or use training=True"
         )
-    channels = input.shape[1]
+    channels = shape[1]
     vectors = (("running_mean", running_mean), ("running_var", running_var),
                ("weight", weight), ("bias", bias))
     for name, tensor in (*vectors, ("residual", residual)):
@@ -409,26 +415,26 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             raise RuntimeError(f"batch_norm: {name} is on {tensor.device}, expected "
                                f"{input.device} like the input: every tensor argument must be on "
                                f"the input's device")
-    if residual is not None and residual.shape != input.shape:
+    if residual is not None and sizes(residual) != shape:
         raise RuntimeError(
-            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got "
-            f"{tuple(residual.shape)}"
+            f"batch_norm: residual must have the input's shape {tuple(shape)}, got "
+            f"{tuple(sizes(residual))}"
         )
     for name, tensor in vectors:
         if tensor is None:
             continue
-        if tensor.numel() != channels:  # any shape of C values, as torch takes them
+        if sizes(tensor).numel() != channels:  # any shape of C values, as torch takes them
             raise RuntimeError(
                 f"batch_norm: {name} should hold one value per channel "
-                f"({channels} for input of shape {tuple(input.shape)}), got shape "
-                f"{tuple(tensor.shape)}"
+                f"({channels} for input of shape {tuple(shape)}), got shape "
+                f"{tuple(sizes(tensor))}"
             )
         if not tensor.is_floating_point():
             raise RuntimeError(f"batch_norm: {name} must be floating point, got {tensor.dtype}")
-    if local_batch_stats and input.numel() > 0:
-        values_per_channel = input.numel() // channels
+    if local_batch_stats and shape.numel() > 0:
+        values_per_channel = shape.numel() // channels
         if values_per_channel <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
+                f"{shape}"
             )

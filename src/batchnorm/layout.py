@@ -1,5 +1,5 @@
 """Layout helpers every layer may use: the channel view, the reduced axes, the memory format, the
-statistics' dtype, and the gradient through a fused ReLU."""
+statistics' dtype, the gradient through a fused ReLU, and sizes as plain ints for checks."""
 
 import torch
 from torch import Tensor
@@ -8,6 +8,17 @@ from torch import Tensor
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32 (fp16 sums overflow)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sizes(x: Tensor) -> torch.Size:
+    """x.shape with Python ints, for argument checks. While torch.jit.trace records, each size in
+    x.shape is a traced 0-dim tensor: a Python comparison of one warns (TracerWarning) and is
+    frozen into the trace as the example's value anyway; reading x.shape there also records a
+    size op per dimension (~40 us). aten.size gives the values as ints and records nothing
+    (TorchScript-based ONNX export traces every layer this way)."""
+    if torch.jit.is_tracing():
+        return torch.Size(torch.ops.aten.size.default(x))
+    return x.shape
 
 
 def channel_view(x: Tensor) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from torch.nn.modules import batchnorm as torch_bn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from batchnorm import functional
+from batchnorm.layout import sizes
 
 if TYPE_CHECKING:
     from batchnorm.distributed import StatsSync
@@ -95,18 +96,18 @@ class _BatchNorm(torch_bn._BatchNorm):
             expected = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(
                 f"{type(self).__name__} expects a {expected} input {self._layouts}, got "
-                f"{input.dim()}D input of shape {tuple(input.shape)}"
+                f"{input.dim()}D input of shape {tuple(sizes(input))}"
             )
         # Only a tensor of the layer fixes its channel count: torch takes any channel count
         # without weight, bias and running buffers (affine=False, track_running_stats=False,
         # Lazy layers included, whose num_features then stays 0).
-        if input.shape[1] != self.num_features and (self.affine or
-                                                    self.running_mean is not None):
+        shape = sizes(input)  # ints, also under torch.jit.trace
+        if shape[1] != self.num_features and (self.affine or self.running_mean is not None):
             if not (isinstance(self, LazyModuleMixin) and self.has_uninitialized_params()):
                 raise RuntimeError(
                     f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
-                    f"channels in dim 1, got input of shape {tuple(input.shape)} with "
-                    f"{input.shape[1]} channels"
+                    f"channels in dim 1, got input of shape {tuple(shape)} with {shape[1]} "
+                    f"channels"
                 )
 
     def _state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:

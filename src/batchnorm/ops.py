@@ -371,9 +371,6 @@ def _parameter_grads(ctx, weight, sum_dy, sum_dy_xhat, grad_out, relu_output):
     return grad_weight, grad_bias, grad_residual
 
 
-_NO_RUNNING_STATS = RunningStats(None, None, None, 0.0)
-
-
 def update_running(running: RunningStats, mean: Tensor, m2: Tensor, count: int | Tensor) -> Tensor:
     """update_running_stats for a batch of count values per channel; returns `finite`. Without
     buffers the batch is only counted, as torch counts it."""
@@ -395,11 +392,15 @@ def batch_norm_train(
     residual: Tensor | None = None,
     relu: bool = False,
     sync: "StatsSync | None" = None,
-    running: RunningStats = _NO_RUNNING_STATS,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float | None = 0.0,
     *,
     node: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize with the batch's statistics and update `running`'s buffers in place.
+    """Normalize with the batch's statistics and update the running buffers in place (both or
+    neither given; momentum=None: the cumulative average over num_batches_tracked).
 
     Returns (output, mean, m2, finite): the batch's per-channel mean and M2 (not
     differentiable) and whether they were finite (a 0-dim bool tensor; False: nothing updated).
@@ -414,9 +415,10 @@ def batch_norm_train(
         node = kernels.backend_name(input) == "cpu"
     if sync is None and node:
         output, mean, m2, _, finite = forward_train(
-            input, weight, bias, residual, relu, eps, running.mean, running.var,
-            running.num_batches_tracked, running.momentum)
+            input, weight, bias, residual, relu, eps, running_mean, running_var,
+            num_batches_tracked, momentum)
         return output, mean, m2, finite
+    running = RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     return _BatchNormTrain.apply(input, weight, bias, residual, eps, relu, sync, running)
 
 

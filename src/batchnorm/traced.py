@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from batchnorm.layout import stat_dtype, values_per_channel
+from batchnorm.layout import sizes, stat_dtype, values_per_channel
 
 __all__ = ["tracing", "batch_norm"]
 
@@ -74,7 +74,8 @@ def batch_norm(
         output = F.batch_norm(input, None, None, weight, bias, True, factor, eps)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-    elif input.numel() == 0:  # as torch: an empty output, the buffers untouched, the batch counted
+    elif sizes(input).numel() == 0:  # as torch: an empty output, the buffers untouched, the
+        # batch counted (sizes: ints under torch.jit.trace)
         output = F.batch_norm(input, None, None, weight, bias, True, factor, eps)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)

@@ -112,10 +112,15 @@ def native_cpu() -> bool:
 def backend_name(tensor: torch.Tensor) -> str:
     """What serves this tensor now: 'cpu' (the C++ kernels), 'aten' (torch's kernels),
     'composite', 'triton', or the name given to serving()."""
+    if tensor.is_cpu:  # the common case, without building a torch.device
+        name = _serving.get("cpu")
+        if name is None:
+            return "cpu" if _native_cpu else "aten"
+        return name
     device = tensor.device.type
     name = _serving.get(device)
     if name is None:
-        return "cpu" if device == "cpu" and _native_cpu else "aten"
+        return "aten"
     if name == "triton" and device == "cuda":  # Triton's dtypes; torch's kernels for the rest
         triton = _load_triton()
         return "triton" if triton is not None and tensor.dtype in triton.DTYPES else "aten"
