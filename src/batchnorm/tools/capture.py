@@ -330,11 +330,12 @@ def _record(gm: fx.GraphModule, reference: nn.Module, given: dict[str, Any],
         same_draws = torch.equal(random_state, torch.get_rng_state())
     differs = _same_outputs(expected, got)
     mode = "training" if reference.training else "eval"
-    if differs is not None and not same_draws:
-        raise TraceError(f"the captured graph's output differs from {type(reference).__name__}'s "
-                         f"({differs}) and the model draws random numbers the graph does not "
-                         f"(a torch.rand in Python, layerdrop say), so the graph cannot be "
-                         f"checked against the model in {mode} mode")
+    if not same_draws:  # even with equal outputs: the draw decided a branch the graph froze
+        outputs = "equal" if differs is None else f"different ({differs})"
+        raise TraceError(f"{type(reference).__name__} draws random numbers the graph does not "
+                         f"(a torch.rand in Python, layerdrop say; outputs {outputs} for this "
+                         f"draw), so the graph cannot be checked against the model in {mode} "
+                         f"mode")
     if differs is not None:
         raise TraceError(f"the captured graph does not reproduce {type(reference).__name__} on "
                          f"the example input in {mode} mode ({differs}); something the trace "
