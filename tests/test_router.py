@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchnorm
@@ -244,6 +245,97 @@ def test_the_cpp_autograd_node_serves_cpu_only():
     assert has_kernel("batchnorm::forward_train", "AutogradCPU") == kernels.native_cpu()
     assert not has_kernel("batchnorm::forward_train", "AutogradCUDA")
     assert has_kernel("batchnorm::stats", "CUDA")  # SyncBatchNorm's primitives on CUDA
+
+
+class Seen(TorchFunctionMode):
+    """The functions called through torch's function overrides while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.funcs: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass that changes nothing (torch's default __torch_function__)."""
+
+
+def _training_step(wrap=lambda t: t):
+    """One training step of functional.batch_norm in float64 (with a NaN-free batch, then a NaN
+    one): outputs, gradients, buffers and the warnings, for comparison between routes."""
+    torch.manual_seed(0)
+    results = []
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for bad in (False, True):
+        x = torch.randn(6, 3, 4, dtype=torch.float64)
+        if bad:
+            x[0, 1, 0] = float("nan")
+        x.requires_grad_()
+        w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = functional.batch_norm(wrap(x), mean, var, w, b, True, 0.1, 1e-5)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach().clone(), x.grad, w.grad, b.grad, mean.clone(), var.clone(),
+                        [str(c.message)[:40] for c in caught]))
+    return results
+
+
+def _same(a, b) -> None:
+    for left, right in zip(a, b, strict=True):
+        for p, q in zip(left, right, strict=True):
+            if isinstance(p, torch.Tensor):
+                torch.testing.assert_close(p.as_subclass(torch.Tensor),
+                                           q.as_subclass(torch.Tensor), rtol=0, atol=0,
+                                           equal_nan=True)
+            else:
+                assert p == q
+
+
+@pytest.mark.skipif(not kernels.native_cpu(), reason="the C++ kernels did not load")
+@pytest.mark.parametrize("case", ["function mode", "tensor subclass"])
+def test_cpp_entry_on_the_common_call_torch_ops_otherwise(monkeypatch, case):
+    # The training step on the C++ kernels enters the op through the extension's own entry
+    # (ops.batch_norm_train_step); under a torch function mode, or with a tensor subclass, the
+    # entry declines and torch.ops calls the op, so the mode and the subclass see it as before.
+    from batchnorm.kernels import cpu
+
+    answers = []
+    direct = cpu.forward_train
+
+    def watched(*args):
+        answers.append(direct(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(cpu, "forward_train", watched)
+    plain = _training_step()
+    assert len(answers) == 2 and all(a is not NotImplemented for a in answers)
+    assert [a[1] for a in answers] == [True, False]  # the flag, read in C++
+    assert plain[0][-1] == [] and plain[1][-1] != []  # the NaN batch warned, buffers kept
+    answers.clear()
+    if case == "function mode":
+        with Seen() as seen:
+            declined = _training_step()
+        assert torch.ops.batchnorm.forward_train.default in seen.funcs
+    else:
+        declined = _training_step(lambda t: t.as_subclass(Marked))
+        assert type(declined[0][0]) is Marked  # the subclass saw the op, as through torch.ops
+    assert answers == [NotImplemented, NotImplemented]
+    _same(plain, declined)
+    torch.testing.assert_close(plain[0][0], torch.nn.functional.batch_norm(
+        *_one_batch(), training=True, momentum=0.1, eps=1e-5), rtol=0, atol=1e-12)
+
+
+def _one_batch():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    return x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), w, b
 
 
 def _run(script: str, **env):

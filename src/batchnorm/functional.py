@@ -211,6 +211,15 @@ def _our_kernels(input, running_mean, running_var, weight, bias, training, momen
                                    residual, relu), None
     if running_mean is None or running_var is None:
         running_mean = running_var = None  # as torch: both or neither are updated
+    if node and sync is None:
+        output, finite = ops.batch_norm_train_step(input, weight, bias, eps, residual, relu,
+                                                   running_mean, running_var,
+                                                   num_batches_tracked, momentum)
+        if running_mean is None:
+            return output, None
+        if finite is True:  # the flag read in C++: the shared flags, which is_skipped reads free
+            return output, _FINITE
+        return output, (_NOT_FINITE if finite is False else finite)
     output, _, _, finite = ops.batch_norm_train(input, weight, bias, eps, residual, relu, sync,
                                                 running_mean, running_var, num_batches_tracked,
                                                 momentum, node=node)

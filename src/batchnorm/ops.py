@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import kernels
+from batchnorm.kernels import cpu as _cpu
 from batchnorm.layout import (
     channel_view,
     memory_format,
@@ -420,6 +421,36 @@ def batch_norm_train(
         return output, mean, m2, finite
     running = RunningStats(running_mean, running_var, num_batches_tracked, momentum)
     return _BatchNormTrain.apply(input, weight, bias, residual, eps, relu, sync, running)
+
+
+def batch_norm_train_step(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual: Tensor | None,
+    relu: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, bool | Tensor]:
+    """batch_norm_train on the C++ kernels (kernels.backend_name "cpu"), without a StatsSync,
+    returning only (output, finite), finite a bool where reading the flag is free (else the
+    0-dim bool tensor, as batch_norm_train's): forward_train called from C++ through the dispatcher
+    (kernels/cpu ops.cpp: a torch.ops call costs 1.5 us more than torch's own bindings, as much
+    as the whole kernel of a small layer); through torch.ops where that entry declines (a tensor
+    subclass, a torch function mode, an int eps)."""
+    direct = _cpu.forward_train
+    if direct is not None:
+        step = direct(input, weight, bias, residual, relu, eps, running_mean, running_var,
+                      num_batches_tracked, momentum)
+        if step is not NotImplemented:
+            return step
+    output, _, _, _, finite = forward_train(input, weight, bias, residual, relu, eps,
+                                            running_mean, running_var, num_batches_tracked,
+                                            momentum)
+    return output, finite
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

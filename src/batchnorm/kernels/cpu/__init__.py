@@ -17,16 +17,21 @@ package runs on torch's own kernels and says so once.
 """
 
 import warnings
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 _C: ModuleType | None = None  # the extension, once load() found it
+# _C.forward_train once loaded: the op batchnorm::forward_train through the dispatcher from C++,
+# returning (output, finite), or NotImplemented where torch.ops must call it (ops.py)
+forward_train: Callable[..., Any] | None = None
 
 
 def load() -> bool:
     """Register the C++ kernels for the CPU dispatch key, compiling them first if no build for
     this torch exists; False (with one warning) if they cannot run here. Call after the ops are
     defined."""
-    global _C
+    global _C, forward_train
     from batchnorm.kernels.cpu import build
 
     try:
@@ -44,6 +49,7 @@ def load() -> bool:
                       stacklevel=2)
         return False
     _C = module
+    forward_train = module.forward_train
     return True
 
 

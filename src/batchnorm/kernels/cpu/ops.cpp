@@ -13,6 +13,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -513,6 +517,66 @@ PyObject* py_register_kernels(PyObject*, PyObject*) {
   }
 }
 
+// forward_train(input, weight, bias, residual, relu, eps, running_mean, running_var,
+// num_batches_tracked, momentum) -> (output, finite): the op batchnorm::forward_train called
+// through the dispatcher (autograd, profiling, dispatch modes apply as ever), without the Python
+// op object's overhead (measured: 1.5 us a call more than torch's own bindings) and handing back
+// only the two results the training step's caller reads. Arguments of any other kind (a tensor
+// subclass, a non-float eps) and an active torch function mode get NotImplemented: the caller
+// then calls the op through torch.ops, which handles them.
+bool plain_tensor(PyObject* object, OptTensor& tensor) {
+  if (object == Py_None) return true;
+  if (!THPVariable_CheckExact(object)) return false;
+  tensor = THPVariable_Unpack(object);
+  return true;
+}
+
+PyObject* py_forward_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 10 || !THPVariable_CheckExact(args[0]) || !PyBool_Check(args[4]) ||
+      !PyFloat_CheckExact(args[5]) || (args[9] != Py_None && !PyFloat_CheckExact(args[9])) ||
+      at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  OptTensor weight, bias, residual, running_mean, running_var, num_batches_tracked;
+  if (!plain_tensor(args[1], weight) || !plain_tensor(args[2], bias) ||
+      !plain_tensor(args[3], residual) || !plain_tensor(args[6], running_mean) ||
+      !plain_tensor(args[7], running_var) || !plain_tensor(args[8], num_batches_tracked)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const Tensor& input = THPVariable_Unpack(args[0]);
+  const bool relu = args[4] == Py_True;
+  const double eps = PyFloat_AS_DOUBLE(args[5]);
+  const std::optional<double> momentum =
+      args[9] == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(args[9]));
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm::forward_train", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+              const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double,
+              const OptTensor&, const OptTensor&, const OptTensor&, std::optional<double>)>();
+  Tensor output, finite;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch's own bindings
+    auto results = op.call(input, weight, bias, residual, relu, eps, running_mean, running_var,
+                           num_batches_tracked, momentum);
+    output = std::move(std::get<0>(results));
+    finite = std::move(std::get<4>(results));
+  }
+  PyObject* pair = PyTuple_New(2);
+  if (!pair) return nullptr;
+  PyTuple_SET_ITEM(pair, 0, THPVariable_Wrap(std::move(output)));
+  // The flag as a Python bool where reading it is free (a CPU tensor with data: not under a
+  // dispatch mode's fake tensors), which spares the caller a Tensor.item() per step.
+  if (finite.is_cpu() && !finite.key_set().has(c10::DispatchKey::Python)) {
+    PyTuple_SET_ITEM(pair, 1, PyBool_FromLong(finite.item<bool>()));
+  } else {
+    PyTuple_SET_ITEM(pair, 1, THPVariable_Wrap(std::move(finite)));
+  }
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* py_compiled_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(compiled_capability());
 }
@@ -522,6 +586,12 @@ PyMethodDef methods[] = {
      "Register the CPU kernels for the batchnorm ops (defined first, in batchnorm.ops). Returns "
      "False, registering nothing, when this processor lacks the instructions they were built "
      "for."},
+    {"forward_train", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_forward_train)),
+     METH_FASTCALL,
+     "forward_train(input, weight, bias, residual, relu, eps, running_mean, running_var, "
+     "num_batches_tracked, momentum) -> (output, finite): the op batchnorm::forward_train through "
+     "the dispatcher, finite a bool where reading it is free (else the op's tensor); NotImplemented (call the op through torch.ops) for a tensor subclass, an "
+     "argument of another type, or under a torch function mode."},
     {"compiled_capability", py_compiled_capability, METH_NOARGS,
      "The instruction set the kernels were compiled for: 'AVX512', 'AVX2' or 'DEFAULT'."},
     {nullptr, nullptr, 0, nullptr}};
