@@ -330,6 +330,42 @@ def test_cpp_entry_on_the_common_call_torch_ops_otherwise(monkeypatch, case):
         *_one_batch(), training=True, momentum=0.1, eps=1e-5), rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.skipif(not kernels.native_cpu(), reason="the C++ kernels did not load")
+@pytest.mark.parametrize("case", ["function mode", "tensor subclass"])
+def test_cpp_eval_entry_on_the_common_call_torch_ops_otherwise(monkeypatch, case):
+    # Eval without a graph to record enters forward_eval through the extension's own entry
+    # (ops.batch_norm_eval); a torch function mode or a tensor subclass makes it decline, and
+    # torch.ops calls the op, which the mode and the subclass then see; results are the same.
+    from batchnorm.kernels import cpu
+
+    answers = []
+    direct = cpu.forward_eval
+
+    def watched(*args):
+        answers.append(direct(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(cpu, "forward_eval", watched)
+    x, mean, var, w, b = _one_batch()
+    var.uniform_(0.5, 2.0)
+    plain = functional.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5)
+    assert len(answers) == 1 and answers[0] is not NotImplemented
+    torch.testing.assert_close(plain, torch.nn.functional.batch_norm(x, mean, var, w, b, False,
+                                                                     0.1, 1e-5),
+                               rtol=0, atol=1e-12)
+    answers.clear()
+    if case == "function mode":
+        with Seen() as seen:
+            declined = functional.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5)
+        assert torch.ops.batchnorm.forward_eval.default in seen.funcs
+    else:
+        declined = functional.batch_norm(x.as_subclass(Marked), mean, var, w, b, False, 0.1,
+                                         1e-5)
+        assert type(declined) is Marked
+    assert answers == [NotImplemented]
+    torch.testing.assert_close(declined.as_subclass(torch.Tensor), plain, rtol=0, atol=0)
+
 def _one_batch():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, dtype=torch.float64)

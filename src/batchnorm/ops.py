@@ -469,10 +469,16 @@ def batch_norm_eval(
 ) -> Tensor:
     """Normalize with given statistics (running estimates): one elementwise pass.
 
-    Without gradients to record this is the single op forward_eval; with them, elemt (which
-    has an autograd formula) on invstd computed here.
+    Without gradients to record this is the single op forward_eval (entered from C++ where the
+    extension's entry takes the arguments, else through torch.ops); with them, elemt (which has
+    an autograd formula) on invstd computed here.
     """
     if not _needs_grad(input, mean, var, weight, bias, residual):
+        direct = _cpu.forward_eval  # from C++, as batch_norm_train_step's; None without _C
+        if direct is not None:
+            output = direct(input, mean, var, weight, bias, residual, relu, eps)
+            if output is not NotImplemented:
+                return output
         return forward_eval(input, mean, var, weight, bias, residual, relu, eps)
     acc = stat_dtype(input.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)

@@ -25,13 +25,15 @@ _C: ModuleType | None = None  # the extension, once load() found it
 # _C.forward_train once loaded: the op batchnorm::forward_train through the dispatcher from C++,
 # returning (output, finite), or NotImplemented where torch.ops must call it (ops.py)
 forward_train: Callable[..., Any] | None = None
+# _C.forward_eval likewise for batchnorm::forward_eval (returns the output, or NotImplemented)
+forward_eval: Callable[..., Any] | None = None
 
 
 def load() -> bool:
     """Register the C++ kernels for the CPU dispatch key, compiling them first if no build for
     this torch exists; False (with one warning) if they cannot run here. Call after the ops are
     defined."""
-    global _C, forward_train
+    global _C, forward_train, forward_eval
     from batchnorm.kernels.cpu import build
 
     try:
@@ -50,6 +52,7 @@ def load() -> bool:
         return False
     _C = module
     forward_train = module.forward_train
+    forward_eval = module.forward_eval
     return True
 
 

@@ -577,6 +577,40 @@ PyObject* py_forward_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// forward_eval(input, running_mean, running_var, weight, bias, residual, relu, eps) -> output:
+// the op batchnorm::forward_eval through the dispatcher, for the same reason and with the same
+// NotImplemented rule as forward_train above (an eval call of a small layer is mostly call cost).
+PyObject* py_forward_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8 || !THPVariable_CheckExact(args[0]) || !THPVariable_CheckExact(args[1]) ||
+      !THPVariable_CheckExact(args[2]) || !PyBool_Check(args[6]) ||
+      !PyFloat_CheckExact(args[7]) || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  OptTensor weight, bias, residual;
+  if (!plain_tensor(args[3], weight) || !plain_tensor(args[4], bias) ||
+      !plain_tensor(args[5], residual)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const Tensor& input = THPVariable_Unpack(args[0]);
+  const Tensor& running_mean = THPVariable_Unpack(args[1]);
+  const Tensor& running_var = THPVariable_Unpack(args[2]);
+  const bool relu = args[6] == Py_True;
+  const double eps = PyFloat_AS_DOUBLE(args[7]);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("batchnorm::forward_eval", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                        const OptTensor&, const OptTensor&, bool, double)>();
+  Tensor output;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch's own bindings
+    output = op.call(input, running_mean, running_var, weight, bias, residual, relu, eps);
+  }
+  return THPVariable_Wrap(std::move(output));
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* py_compiled_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(compiled_capability());
 }
@@ -592,6 +626,12 @@ PyMethodDef methods[] = {
      "num_batches_tracked, momentum) -> (output, finite): the op batchnorm::forward_train through "
      "the dispatcher, finite a bool where reading it is free (else the op's tensor); NotImplemented (call the op through torch.ops) for a tensor subclass, an "
      "argument of another type, or under a torch function mode."},
+    {"forward_eval", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_forward_eval)),
+     METH_FASTCALL,
+     "forward_eval(input, running_mean, running_var, weight, bias, residual, relu, eps) -> "
+     "output: the op batchnorm::forward_eval through the dispatcher; NotImplemented (call the op "
+     "through torch.ops) for a tensor subclass, an argument of another type, or under a torch "
+     "function mode."},
     {"compiled_capability", py_compiled_capability, METH_NOARGS,
      "The instruction set the kernels were compiled for: 'AVX512', 'AVX2' or 'DEFAULT'."},
     {nullptr, nullptr, 0, nullptr}};
