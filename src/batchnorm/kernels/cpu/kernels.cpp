@@ -448,6 +448,71 @@ struct RowSums {
   }
 };
 
+// Walks rows [r0, r1) in tiles of whole rows small enough for the L1 cache; within a tile, a
+// block of channels at a time keeps its lanes in registers across the tile's rows (loaded from
+// and stored back to `lanes` once per tile, not once per row). f(r, c) gives the vector pair
+// (p, q) at row r, channels [c, c + W) and s(r, c) the scalar pair; first += p, second += p * q
+// (a fused multiply-add in vectors). Each channel's lane sees the same additions in the same
+// order as a row-by-row walk, and is flushed into double every kFlushRows rows likewise.
+constexpr int64_t kTileBytes = 32768;
+
+// Channels [c, c + NB * W) over rows [t0, t1), the lanes in registers.
+template <int64_t NB, typename V, typename A, typename VecF>
+inline void row_sums_block(int64_t c, int64_t t0, int64_t t1, A* first, A* second, VecF& f) {
+  constexpr int64_t W = V::size();
+  V p[NB], q[NB];
+  for (int64_t j = 0; j < NB; ++j) {
+    p[j] = V::loadu(first + c + j * W);
+    q[j] = V::loadu(second + c + j * W);
+  }
+  for (int64_t r = t0; r < t1; ++r) {
+    for (int64_t j = 0; j < NB; ++j) {
+      const auto [a, b] = f(r, c + j * W);
+      p[j] = p[j] + a;
+      q[j] = at::vec::fmadd(a, b, q[j]);
+    }
+  }
+  for (int64_t j = 0; j < NB; ++j) {
+    p[j].store(first + c + j * W);
+    q[j].store(second + c + j * W);
+  }
+}
+
+template <typename T, typename A, typename VecF, typename ScalarF>
+void tiled_row_sums(int64_t C, int64_t r0, int64_t r1, RowSums<A>& lanes, VecF f, ScalarF s) {
+  using V = typename IO<T>::V;
+  constexpr int64_t W = V::size();
+  const int64_t row_bytes = std::max<int64_t>(1, C * int64_t(sizeof(T)));
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / row_bytes, 1, kFlushRows);
+  A* first = lanes.first.data();
+  A* second = lanes.second.data();
+  for (int64_t a = r0; a < r1; a += kFlushRows) {
+    const int64_t chunk_end = std::min(r1, a + kFlushRows);
+    for (int64_t t0 = a; t0 < chunk_end; t0 += tile) {
+      const int64_t t1 = std::min(chunk_end, t0 + tile);
+      int64_t c = 0;
+      for (; c + 4 * W <= C; c += 4 * W) row_sums_block<4, V>(c, t0, t1, first, second, f);
+      if (c + 2 * W <= C) {
+        row_sums_block<2, V>(c, t0, t1, first, second, f);
+        c += 2 * W;
+      }
+      if (c + W <= C) {
+        row_sums_block<1, V>(c, t0, t1, first, second, f);
+        c += W;
+      }
+      // the last channels, fewer than W: row by row, each channel its own chain
+      for (int64_t r = t0; r < t1; ++r) {
+        for (int64_t i = c; i < C; ++i) {
+          const auto [a0, b0] = s(r, i);
+          first[i] += a0;
+          second[i] += a0 * b0;
+        }
+      }
+    }
+    lanes.flush();
+  }
+}
+
 // Adds the shifted sums of rows [r0, r1) into sum / sum_sq (C doubles each).
 template <typename T>
 void rows_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const Acc<T>* shift,
@@ -455,24 +520,16 @@ void rows_moments(const T* x, int64_t C, int64_t r0, int64_t r1, const Acc<T>* s
   using A = Acc<T>;
   using io = IO<T>;
   using V = typename io::V;
-  constexpr int64_t W = V::size();
   RowSums<A> lanes(C, sum, sum_sq);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V d = io::load(row + c) - V::loadu(shift + c);
-      (V::loadu(lanes.first.data() + c) + d).store(lanes.first.data() + c);
-      at::vec::fmadd(d, d, V::loadu(lanes.second.data() + c)).store(lanes.second.data() + c);
-    }
-    for (; c < C; ++c) {
-      const A d = static_cast<A>(row[c]) - shift[c];
-      lanes.first[c] += d;
-      lanes.second[c] += d * d;
-    }
-    lanes.row_done();
-  }
-  lanes.flush();
+  tiled_row_sums<T>(C, r0, r1, lanes,
+      [&](int64_t r, int64_t c) {
+        const V d = io::load(x + r * C + c) - V::loadu(shift + c);
+        return std::pair<V, V>(d, d);
+      },
+      [&](int64_t r, int64_t c) {
+        const A d = static_cast<A>(x[r * C + c]) - shift[c];
+        return std::pair<A, A>(d, d);
+      });
 }
 
 // Runs f(r0, r1, partial) over row ranges of M rows on torch's pool; partial points to the
@@ -506,10 +563,26 @@ void rows_stats(const T* x, const Layout& L, std::vector<double>& mean, std::vec
   const int64_t k = std::min(M, kShiftValues);
   // The shift: the mean of the first k rows, summed row by row (each channel's sum in the same
   // order as a column walk, but C independent sums at a time instead of one dependent chain).
+  // A block of kShiftBlock channels keeps its sums in registers across the k rows.
+  constexpr int64_t kShiftBlock = 32;
   std::vector<double> first_rows(C, 0.0);
+  int64_t c_end = 0;
+  for (; c_end + kShiftBlock <= C; c_end += kShiftBlock) {
+    using VD = Vectorized<double>;
+    constexpr int64_t kV = kShiftBlock / VD::size();
+    VD acc[kV];
+    for (int64_t j = 0; j < kV; ++j) acc[j] = VD(0.0);
+    for (int64_t r = 0; r < k; ++r) {
+      const T* row = x + r * C + c_end;
+      alignas(64) double values[kShiftBlock];
+      for (int64_t i = 0; i < kShiftBlock; ++i) values[i] = static_cast<double>(row[i]);
+      for (int64_t j = 0; j < kV; ++j) acc[j] = acc[j] + VD::loadu(values + j * VD::size());
+    }
+    for (int64_t j = 0; j < kV; ++j) acc[j].store(first_rows.data() + c_end + j * VD::size());
+  }
   for (int64_t r = 0; r < k; ++r) {
     const T* row = x + r * C;
-    for (int64_t c = 0; c < C; ++c) first_rows[c] += static_cast<double>(row[c]);
+    for (int64_t c = c_end; c < C; ++c) first_rows[c] += static_cast<double>(row[c]);
   }
   std::vector<A> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<A>(first_rows[c] / static_cast<double>(k));
@@ -521,6 +594,8 @@ void rows_stats(const T* x, const Layout& L, std::vector<double>& mean, std::vec
   m2.resize(C);
   for (int64_t c = 0; c < C; ++c) {
     finish_moments(shift[c], sums[c], sums[C + c], M, mean[c], m2[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
     if (!finite(mean[c], m2[c])) {
       auto column = [&](auto f) {
         for (int64_t r = 0; r < M; ++r) f(r * C + c);
@@ -569,28 +644,18 @@ void rows_grad_sums(const T* dy, const T* x, const T* output, int64_t C, int64_t
   using A = Acc<T>;
   using io = IO<T>;
   using V = typename io::V;
-  constexpr int64_t W = V::size();
   RowSums<A> lanes(C, sum_dy, sum_dy_xmu);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      V g = io::load(dy + base + c);
-      if constexpr (kMask) g = masked(g, io::load(output + base + c));
-      (V::loadu(lanes.first.data() + c) + g).store(lanes.first.data() + c);
-      at::vec::fmadd(g, io::load(x + base + c) - V::loadu(mean + c),
-                     V::loadu(lanes.second.data() + c))
-          .store(lanes.second.data() + c);
-    }
-    for (; c < C; ++c) {
-      A g = static_cast<A>(dy[base + c]);
-      if constexpr (kMask) g = static_cast<A>(output[base + c]) > 0 ? g : A(0);
-      lanes.first[c] += g;
-      lanes.second[c] += g * (static_cast<A>(x[base + c]) - mean[c]);
-    }
-    lanes.row_done();
-  }
-  lanes.flush();
+  tiled_row_sums<T>(C, r0, r1, lanes,
+      [&](int64_t r, int64_t c) {
+        V g = io::load(dy + r * C + c);
+        if constexpr (kMask) g = masked(g, io::load(output + r * C + c));
+        return std::pair<V, V>(g, io::load(x + r * C + c) - V::loadu(mean + c));
+      },
+      [&](int64_t r, int64_t c) {
+        A g = static_cast<A>(dy[r * C + c]);
+        if constexpr (kMask) g = static_cast<A>(output[r * C + c]) > 0 ? g : A(0);
+        return std::pair<A, A>(g, static_cast<A>(x[r * C + c]) - mean[c]);
+      });
 }
 
 template <typename T, bool kMask>
@@ -821,8 +886,17 @@ void forward_train(const T* x, const T* residual, T* y, const Layout& L, const A
       std::vector<double> mean_d, m2_d;
       rows_stats(x, L, mean_d, m2_d);
       std::vector<A> mean_a(C), scale(C), shift(C);
+      // 1 / sqrt(m2 / n + eps) in vectors of doubles (correctly rounded like the scalar form)
+      using VD = Vectorized<double>;
+      std::vector<double> invstd_d(C);
+      int64_t c0 = 0;
+      for (; c0 + VD::size() <= C; c0 += VD::size()) {
+        (VD::loadu(m2_d.data() + c0) / VD(static_cast<double>(n)) + VD(eps))
+            .sqrt().reciprocal().store(invstd_d.data() + c0);
+      }
+      for (; c0 < C; ++c0) invstd_d[c0] = channel_invstd(m2_d[c0]);
       for (int64_t c = 0; c < C; ++c) {
-        const double invstd_c = channel_invstd(m2_d[c]);
+        const double invstd_c = invstd_d[c];
         mean[c] = mean_d[c];
         m2[c] = m2_d[c];
         mean_a[c] = static_cast<A>(mean_d[c]);
