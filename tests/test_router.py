@@ -296,22 +296,29 @@ def _same(a, b) -> None:
                 assert p == q
 
 
+def _watch_cpp_entry(monkeypatch, name: str) -> list:
+    """Route the extension's C++ entry `name` (kernels.cpu.forward_train / forward_eval) through
+    a wrapper that records each answer (a result, or NotImplemented where it declined)."""
+    from batchnorm.kernels import cpu
+
+    answers: list = []
+    direct = getattr(cpu, name)
+
+    def watched(*args):
+        answers.append(direct(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(cpu, name, watched)
+    return answers
+
+
 @pytest.mark.skipif(not kernels.native_cpu(), reason="the C++ kernels did not load")
 @pytest.mark.parametrize("case", ["function mode", "tensor subclass"])
 def test_cpp_entry_on_the_common_call_torch_ops_otherwise(monkeypatch, case):
     # The training step on the C++ kernels enters the op through the extension's own entry
     # (ops.batch_norm_train_step); under a torch function mode, or with a tensor subclass, the
     # entry declines and torch.ops calls the op, so the mode and the subclass see it as before.
-    from batchnorm.kernels import cpu
-
-    answers = []
-    direct = cpu.forward_train
-
-    def watched(*args):
-        answers.append(direct(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(cpu, "forward_train", watched)
+    answers = _watch_cpp_entry(monkeypatch, "forward_train")
     plain = _training_step()
     assert len(answers) == 2 and all(a is not NotImplemented for a in answers)
     assert [a[1] for a in answers] == [True, False]  # the flag, read in C++
@@ -337,16 +344,7 @@ def test_cpp_eval_entry_on_the_common_call_torch_ops_otherwise(monkeypatch, case
     # Eval without a graph to record enters forward_eval through the extension's own entry
     # (ops.batch_norm_eval); a torch function mode or a tensor subclass makes it decline, and
     # torch.ops calls the op, which the mode and the subclass then see; results are the same.
-    from batchnorm.kernels import cpu
-
-    answers = []
-    direct = cpu.forward_eval
-
-    def watched(*args):
-        answers.append(direct(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(cpu, "forward_eval", watched)
+    answers = _watch_cpp_entry(monkeypatch, "forward_eval")
     x, mean, var, w, b = _one_batch()
     var.uniform_(0.5, 2.0)
     plain = functional.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5)
