@@ -184,6 +184,38 @@ def test_a_rejected_call_changes_nothing(backend):
             assert torch.equal(b, before[name]), (backend, name)
 
 
+# What the kernels check themselves on the common call (Python checks only what they do not):
+# (argument, the bad value's maker, words the message must name). The meta weight: torch's own
+# kernel refuses it only after updating the running buffers.
+KERNEL_REFUSALS = [
+    ("weight", lambda c: torch.ones(c, dtype=torch.long), ["weight", "floating point"]),
+    ("bias", lambda c: torch.zeros(c, dtype=torch.int32), ["bias", "floating point"]),
+    ("running_mean", lambda c: torch.zeros(c, dtype=torch.long), ["running_mean", "floating"]),
+    ("running_var", lambda c: torch.ones(c + 1), ["running_var", "4"]),
+    ("weight", lambda c: torch.ones(c, device="meta"), ["weight", "meta", "cpu"]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name,bad,words", KERNEL_REFUSALS)
+def test_what_the_kernels_refuse_is_named_and_changes_nothing(backend, training, name, bad,
+                                                              words):
+    args = {"running_mean": torch.randn(4), "running_var": torch.rand(4) + 0.5,
+            "weight": torch.rand(4), "bias": torch.randn(4)}
+    args[name] = bad(4)
+    before = {k: v.clone() for k, v in args.items() if k.startswith("running") and k != name}
+    x = torch.randn(8, 4)
+    with _use(backend), pytest.raises(RuntimeError) as info:
+        functional.batch_norm(x, training=training, **args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    for k, v in before.items():
+        assert torch.equal(args[k], v), (backend, k)
+    with pytest.raises(RuntimeError):  # torch refuses it too, with the same exception type
+        torch.nn.functional.batch_norm(x, training=training, **args)
+
+
 def test_empty_batch_on_torchs_kernels():
     ours, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     x = torch.randn(0, 3, 4, 4, requires_grad=True)

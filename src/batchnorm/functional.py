@@ -1,7 +1,7 @@
 """Functional batch norm: torch.nn.functional.batch_norm's signature, and THE router.
 
-Every call, from batch_norm or from a module (batch_norm_step), takes one of four routes, tried in
-this order (_route is the chain):
+Every call, from batch_norm or from a module, takes one of four routes (batch_norm_step is the
+chain: 1 and 2 first, then 3 or 4 by the backend that serves the input):
 
     1. transforms  a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) is active or a tensor
                    carries a forward-mode tangent: torch's batch norm, which has the batching
@@ -20,8 +20,11 @@ this order (_route is the chain):
                    with residual, ReLU, momentum=None and the NaN/Inf guard composed around them
 
 Never slower than torch.nn: route 3 is taken only where our kernel is verified and at least as
-fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. Arguments are checked once, before
-any route, and a rejected call changes no buffer.
+fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. A rejected call changes no buffer.
+Arguments are checked before any route, except on the common call to kernels that check them
+themselves before writing anything (the C++ ones and torch's: sizes, devices and dtypes of the
+per-channel tensors): there Python checks only the rest, and a kernel's refusal is then named by
+the checks one by one (check_arguments' messages). Per call, that is the whole Python cost.
 
 Extras beyond torch's signature are keyword-only:
 
@@ -77,7 +80,7 @@ def batch_norm(
     """
     output, finite = batch_norm_step(input, running_mean, running_var, weight, bias, training,
                                      momentum, eps, residual=residual, relu=relu)
-    if finite is not None and is_skipped(finite):
+    if finite is not None and finite is not _FINITE and is_skipped(finite):
         warn_skipped("batch_norm")
     return output
 
@@ -105,18 +108,54 @@ def batch_norm_step(
     buffers to update (False: the batch's statistics were not finite and nothing was updated,
     num_batches_tracked included; the caller warns or counts, see is_skipped), else None.
     """
+    # The arguments: on the common call to kernels that check sizes, devices and dtypes
+    # themselves (before writing anything), only the rest; a refusal is then named below.
     backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
-    checked_below = backend in _CHECKING_BACKENDS
+    sizes_checked_below = backend in _CHECKING_BACKENDS
+    checked_below = sizes_checked_below and residual is None and sync is None
     local_batch_stats = training and sync is None
-    if not _plainly_valid(input, running_mean, running_var, weight, bias, residual,
-                          local_batch_stats, eps, training, checked_below):  # check_arguments
+    if not (_checked_below_valid(input, running_mean, running_var, training, eps) if checked_below
+            else _plainly_valid(input, running_mean, running_var, weight, bias, residual,
+                                local_batch_stats, eps, training, sizes_checked_below)):
         _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
-                eps, training)
-    try:
-        return _route(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                      residual, relu, num_batches_tracked, sync, backend)
-    except RuntimeError as failed:
-        if not checked_below:
+                eps, training)  # raises, or returns for a valid call of an unusual kind
+        if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
+            return input.clone(), None
+    try:  # the chain of routes, in order
+        if sync is None:
+            if ((_interpreter_stack() is not None or _forward_ad._current_level >= 0)
+                    and _transformed(input, weight, bias, residual, running_mean, running_var)):
+                return _torch_kernels(input, running_mean, running_var, weight, bias,  # 1
+                                      training, momentum, eps, residual, relu,
+                                      num_batches_tracked, guard=False)
+            if _is_compiling() or _is_exporting() or _jit_tracing():  # 2
+                return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                         momentum, eps, residual=residual, relu=relu,
+                                         num_batches_tracked=num_batches_tracked), None
+            # As torch: empty output, buffers untouched, the batch still counted. Not with a
+            # StatsSync: an empty rank still takes part in both collectives (count 0), or the
+            # other ranks deadlock.
+            if input.numel() == 0:
+                if training and num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                return _empty_batch(input, weight, bias), None
+            if (backend == "cpu" and not training and input.dtype in _TORCH_EVAL_GRAD_DTYPES
+                    and _records_graph(input, weight, bias, residual)):
+                backend = "aten"  # torch's kernel and C++ node beat elemt's autograd formula
+            if backend == "aten":  # 4
+                try:
+                    return _torch_kernels(input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps, residual, relu,
+                                          num_batches_tracked, guard=True)
+                except RuntimeError:
+                    if _torch_takes(input, running_mean, running_var, weight, bias):
+                        raise
+                backend = "composite"  # a dtype mix torch's kernels refuse: ours take any mix
+        return _our_kernels(input, running_mean, running_var, weight, bias, training,  # 3
+                            momentum, eps, residual, relu, num_batches_tracked, sync,
+                            backend == "cpu")
+    except RuntimeError as failed:  # NotImplementedError too (a kernel's dtype refusal)
+        if not sizes_checked_below:
             raise
         error = failed  # a kernel refused an argument: say which, as check_arguments would
     _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
@@ -124,34 +163,10 @@ def batch_norm_step(
     raise error
 
 
-def _route(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-           relu, num_batches_tracked, sync, backend) -> tuple[Tensor, Tensor | None]:
-    """The chain of routes, in order (the module docstring says when each runs)."""
-    if input.dim() < 2:  # the empty 1-D input torch takes: an empty output
-        return input.clone(), None
-    if sync is None and _transformed(input, weight, bias, residual, running_mean, running_var):
-        return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 1
-                              momentum, eps, residual, relu, num_batches_tracked, guard=False)
-    if sync is None and traced.tracing():  # 2
-        return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
-                                 momentum, eps, residual=residual, relu=relu,
-                                 num_batches_tracked=num_batches_tracked), None
-    # As torch: empty output, buffers untouched, the batch still counted. Not with a StatsSync:
-    # an empty rank still takes part in both collectives (count 0), or the other ranks deadlock.
-    if input.numel() == 0 and sync is None:
-        if training and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return _empty_batch(input, weight, bias), None
-    if (backend == "cpu" and not training and input.dtype in _TORCH_EVAL_GRAD_DTYPES
-            and _records_graph(input, weight, bias, residual)):
-        backend = "aten"  # torch's kernel and C++ node beat elemt's Python autograd formula
-    if backend == "aten" and not _torch_takes(input, running_mean, running_var, weight, bias):
-        backend = "composite"  # a dtype mix torch rejects: ours take every mix
-    if sync is not None or backend != "aten":  # 3
-        return _our_kernels(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps, residual, relu, num_batches_tracked, sync, backend == "cpu")
-    return _torch_kernels(input, running_mean, running_var, weight, bias, training,  # 4
-                          momentum, eps, residual, relu, num_batches_tracked, guard=True)
+_interpreter_stack = torch._C._functorch.peek_interpreter_stack  # a torch.func transform's
+_forward_ad = torch.autograd.forward_ad  # _current_level >= 0: forward-mode AD is active
+_is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
+_jit_tracing = torch.jit.is_tracing  # (torch._C._is_tracing: a graph break under torch.compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +206,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _records_graph(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,14 +257,22 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     """torch.batch_norm (the op under torch.nn.functional.batch_norm: cuDNN on CUDA), then the
     residual and the ReLU; momentum=None as torch.nn's modules turn it into a factor, 1 /
     num_batches_tracked. guard: the NaN/Inf guard (route 4; a transform cannot read its flag)."""
-    factor = 0.0 if momentum is None else momentum
-    if training and momentum is None and num_batches_tracked is not None:
+    if momentum is not None:
+        factor = momentum
+    elif training and num_batches_tracked is not None:
         factor = 1.0 / (float(num_batches_tracked) + 1)  # this batch counted
+    else:
+        factor = 0.0
     old = None  # both buffers before the update, in one copy, while the guard may need them
     if guard and training and running_mean is not None and running_var is not None:
         old = torch.cat((running_mean, running_var))
-    output = torch.batch_norm(input, weight, bias, running_mean, running_var, training, factor,
-                              eps, input.is_cuda and torch.backends.cudnn.enabled)
+    try:
+        output = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                  factor, eps, input.is_cuda and torch.backends.cudnn.enabled)
+    except RuntimeError:
+        if old is not None:  # torch can refuse after its update (a weight on another device)
+            _restore(running_mean, running_var, old)
+        raise
     if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
         num_batches_tracked.add_(1)                   # counts nothing
     finite = None
@@ -264,13 +291,12 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     when the batch's statistics were not finite. A NaN or Inf in a channel's input makes its
     variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
     even at momentum 0, so running_var is the one thing to check. old: both buffers before the
-    update, concatenated."""
+    update, concatenated. (Measured on CPU, in a training loop: this cat and max().item() are the
+    cheapest pair; NumPy views, clones and tolist() cost as much or more.)"""
     if running_var.is_cpu:  # reading the flag costs nothing here
-        if math.isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
+        if _isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
             return _FINITE
-        old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
-        running_mean.copy_(old_mean)
-        running_var.copy_(old_var)
+        _restore(running_mean, running_var, old)
         if num_batches_tracked is not None:
             num_batches_tracked.sub_(1)
         return _NOT_FINITE
@@ -281,6 +307,15 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
     if num_batches_tracked is not None:
         num_batches_tracked.sub_((~finite).to(num_batches_tracked.dtype))
     return finite
+
+
+_isfinite = math.isfinite
+
+
+def _restore(running_mean: Tensor, running_var: Tensor, old: Tensor) -> None:
+    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
+    running_mean.copy_(old_mean)
+    running_var.copy_(old_var)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +401,17 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, lo
                           local_batch_stats, eps, training, sizes_checked_below):
         _reject(input, running_mean, running_var, weight, bias, residual, local_batch_stats, eps,
                 training)
+
+
+def _checked_below_valid(input, running_mean, running_var, training, eps) -> bool:
+    """_plainly_valid for a call whose kernels (the C++ ones, torch's) check the sizes, devices
+    and dtypes of input, running_mean, running_var, weight and bias before writing anything: only
+    what they do not check (False may still be valid: an empty input, a call being traced)."""
+    if input.dim() < 2 or _jit_tracing():
+        return False  # jit.trace: sizes are traced tensors, which _plainly_valid reads as ints
+    if training:
+        return eps > 0 and input.numel() != input.shape[1]  # 1 value per channel: no variance
+    return eps >= 0 and running_mean is not None and running_var is not None
 
 
 def _plainly_valid(input, running_mean, running_var, weight, bias, residual, local_batch_stats,

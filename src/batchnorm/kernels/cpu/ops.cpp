@@ -177,6 +177,8 @@ const A* channel_ptr(const OptTensor& t, int64_t C, Tensor& keep, const char* op
   check_on_cpu(*t, op, name);
   TORCH_CHECK(t->numel() == C, "batchnorm::", op, ": ", name, " must hold one value per "
               "channel (", C, "), got shape ", t->sizes());
+  TORCH_CHECK(t->is_floating_point(), "batchnorm::", op, ": ", name, " must be floating point, "
+              "got ", t->scalar_type());  // torch refuses the rest; Python no longer checks
   constexpr auto type = c10::CppTypeToScalarType<A>::value;
   if (t->scalar_type() == type && t->is_contiguous()) return t->const_data_ptr<A>();
   keep = t->to(type).contiguous();
@@ -248,6 +250,8 @@ bool update_running(const OptTensor& running_mean, const OptTensor& running_var,
     check_on_cpu(*buffer, op, "a running statistic");
     TORCH_CHECK(buffer->numel() == C, "batchnorm::", op, ": running statistics must hold one "
                 "value per channel (", C, "), got shape ", buffer->sizes());
+    TORCH_CHECK(buffer->is_floating_point(), "batchnorm::", op, ": running statistics must be "
+                "floating point, got ", buffer->scalar_type());
   }
   TORCH_CHECK(momentum.has_value() || has_count, "batchnorm::", op, ": momentum=None (a "
               "cumulative average) needs num_batches_tracked");
