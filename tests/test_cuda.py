@@ -386,8 +386,10 @@ class SmallCNN(nn.Module):
 
 
 # After three SGD steps ours' route 3 and torch's kernels differ by rounding in the statistics,
-# carried through the steps: measured ~1e-6 relative on the composite (CPU), float32.
-CNN_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+# carried through the steps: ~1e-6 relative on the composite (CPU, float32). The margin is for
+# the GPU's convolutions (TF32 is turned off, but should a backend round inputs anyway, a
+# one-ulp difference going in can come out as 1e-3 of one term); a wrong kernel is off by O(1).
+CNN_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
 
 
 def check_cnn(device, backend: str, layout: str) -> None:
