@@ -60,6 +60,9 @@ mkdir -p "$OUT"
 work="$(mktemp -d)"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BATCHNORM_BUILD=0
 export BATCHNORM_CACHE_DIR="$work/cache" PYTHONDONTWRITEBYTECODE=1
+if [ ! -w "${HOME:-/nonexistent}" ]; then  # Triton's compile cache lives under ~/.triton
+    export TRITON_CACHE_DIR="$work/triton"
+fi
 start=$SECONDS
 final_rc=0
 
