@@ -18,26 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchnorm
 from batchnorm import functional, kernels
-from tests.utils import check_forward_backward, make_inputs, parameter_pairs
+from tests.utils import Dispatched, check_forward_backward, make_inputs, parameter_pairs
 
 SRC = Path(batchnorm.__file__).resolve().parents[1]
 BACKENDS = ["default", "aten", "composite"]
-
-
-class Dispatched(TorchDispatchMode):
-    """The operator namespaces dispatched while active: 'batchnorm' (our ops) and 'aten'."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.namespaces: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.namespaces.add(func.namespace)
-        return func(*args, **(kwargs or {}))
 
 
 def _expected_route(backend: str) -> str:

@@ -1,10 +1,12 @@
-"""Shared test helpers: the tolerance table, one comparison of two results, one input builder and
-one forward + gradients comparison for a batch-norm case."""
+"""Shared test helpers: the tolerance table, one comparison of two results, one input builder,
+one forward + gradients comparison for a batch-norm case, and the dispatch mode that says which
+operators ran (so a test reads the route taken instead of assuming it)."""
 
 import math
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchnorm.layout import stat_dtype
 
@@ -155,3 +157,15 @@ def check_forward_backward(ours, theirs, inputs, dtype, *, reduction_size=1, dy=
         assert_close(grad, grad_ref, dtype, reduction_size, f"{where}grad of {name}")
         _keeps_layout(grad, t, f"{where}grad of {name}")
     return y, y_ref
+
+
+class Dispatched(TorchDispatchMode):
+    """The operator namespaces dispatched while active: 'batchnorm' (our ops) and 'aten'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
