@@ -323,3 +323,18 @@ def test_only_the_add_relu_layers_take_a_residual():
             torch.nn.functional.batch_norm(input, None, None, training=True) + input))
         with pytest.raises(TypeError, match="residual"):
             layer(input)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layers_build_with_a_torch_without_bias_argument(monkeypatch, bias):
+    # torch.nn takes bias= from torch 2.13: with an older torch (torch 2.11 on a GPU machine),
+    # the layer is built without passing it, and bias=False still gives a layer without a shift.
+    from batchnorm import nn as bn_nn
+
+    newer = batchnorm.BatchNorm2d(3, bias=bias)
+    monkeypatch.setattr(bn_nn, "_TORCH_TAKES_BIAS", False)
+    older = batchnorm.BatchNorm2d(3, bias=bias)
+    assert (older.bias is None) == (newer.bias is None) == (not bias)
+    assert list(older.state_dict()) == list(newer.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(older(x), newer(x))

@@ -6,6 +6,7 @@ manage state only (which statistics, the momentum or cumulative factor, the buff
 computation is one call to batchnorm.functional.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -56,6 +57,12 @@ class _ScriptableAddReLU(torch.nn.Module):
 _ScriptAs = tuple[type, type | None] | None
 
 
+# torch.nn's batch norm takes bias= (False: scale only) from torch 2.13; with an older torch this
+# package builds that layer itself (found on a GPU machine with torch 2.11, where every layer
+# failed to construct).
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(torch_bn._NormBase.__init__).parameters
+
+
 class _BatchNorm(torch_bn._BatchNorm):
     """Shared forward; subclasses say which input ranks they take."""
 
@@ -88,8 +95,13 @@ class _BatchNorm(torch_bn._BatchNorm):
                  *, bias: bool = True) -> None:
         # The arguments torch.nn accepts, accepted as they are (eps and momentum are checked by
         # the functional call, where torch checks them).
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
+        if _TORCH_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                             dtype, bias=bias)
+            return
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not bias:  # the layer torch 2.13 builds for bias=False: an affine without a shift
+            self.register_parameter("bias", None)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._ranks:
