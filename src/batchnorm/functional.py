@@ -278,8 +278,9 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     finite = None
     if old is not None:
         finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, old)
-    if residual is not None:
-        output = output + residual if not guard else output.add_(residual)
+    if residual is not None:  # in place only where output + residual would keep its strides
+        in_place = guard and residual.stride() == output.stride()  # (cuDNN's eval output can be
+        output = output.add_(residual) if in_place else output + residual  # NCHW on NHWC input)
     if relu:
         output = torch.relu(output) if not guard else torch.relu_(output)
     return output, finite
@@ -302,8 +303,8 @@ def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_track
         return _NOT_FINITE
     old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
     finite = torch.isfinite(running_var).all()  # elsewhere on the device: no host sync
-    running_mean.copy_(torch.where(finite, running_mean, old_mean))
-    running_var.copy_(torch.where(finite, running_var, old_var))
+    _unrecorded(running_mean).copy_(torch.where(finite, running_mean, old_mean))
+    _unrecorded(running_var).copy_(torch.where(finite, running_var, old_var))
     if num_batches_tracked is not None:
         num_batches_tracked.sub_((~finite).to(num_batches_tracked.dtype))
     return finite
@@ -314,8 +315,16 @@ _isfinite = math.isfinite
 
 def _restore(running_mean: Tensor, running_var: Tensor, old: Tensor) -> None:
     old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
-    running_mean.copy_(old_mean)
-    running_var.copy_(old_var)
+    _unrecorded(running_mean).copy_(old_mean)
+    _unrecorded(running_var).copy_(old_var)
+
+
+def _unrecorded(buffer: Tensor) -> Tensor:
+    """The buffer's memory with a version counter of its own: torch's batch-norm autograd nodes
+    save running_mean and running_var (a training backward never reads them), so a write the
+    guard makes after the forward must not bump their version, or backward raises "modified by
+    an inplace operation" (seen on CUDA, where the guard writes every step)."""
+    return buffer.data
 
 
 # ---------------------------------------------------------------------------------------------

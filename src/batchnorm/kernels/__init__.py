@@ -92,16 +92,21 @@ def _load_triton() -> ModuleType | None:
 
 
 def _cuda_kernel(name: str):
-    """A CUDA kernel for primitive `name`: Triton's for its dtypes while the "triton" backend is
-    selected, else the composite's (which SyncBatchNorm's primitives run on CUDA by default)."""
+    """The CUDA kernel for primitive `name`: Triton's for its dtypes while the "triton" backend
+    is selected; else the module serving() installed for CUDA, if any; else the composite's
+    (which SyncBatchNorm's primitives run on CUDA by default). One registration, read at each
+    call: torch (2.11 at least) refuses a second Python registration for the same key."""
     def kernel(*args):
-        module = _load_triton() if _serving.get("cuda") == "triton" else None
+        module = _load_triton() if _serving.get("cuda") == "triton" else _cuda_module
         dtype = args[0].dtype  # input, or grad_out (same dtype)
-        if module is None or dtype not in module.DTYPES:
+        if module is None or dtype not in getattr(module, "DTYPES", (dtype,)):
             module = composite
         return getattr(module, name)(*args)
     kernel.__name__ = f"{name}_cuda"
     return kernel
+
+
+_cuda_module: ModuleType | None = None  # what serving("cuda", module) installed
 
 
 def native_cpu() -> bool:
@@ -176,6 +181,8 @@ def _serve(device_type: str, module: ModuleType, name: str) -> Callable[[], None
     if device_type not in _DISPATCH_KEY:
         raise ValueError(f"kernels.serving expects one of {sorted(_DISPATCH_KEY)}, got "
                          f"{device_type!r}")
+    if device_type == "cuda":  # registered once, by register(): _cuda_kernel reads the module
+        return _serve_cuda(module, name)
     lib = torch.library.Library("batchnorm", "IMPL")
     key = _DISPATCH_KEY[device_type]
     with warnings.catch_warnings():  # torch warns that the registration overrides another
@@ -189,6 +196,20 @@ def _serve(device_type: str, module: ModuleType, name: str) -> Callable[[], None
     def undo() -> None:
         unname()
         lib._destroy()
+    return undo
+
+
+def _serve_cuda(module: ModuleType, name: str) -> Callable[[], None]:
+    """_serve for CUDA: the primitives' one registration (_cuda_kernel) reads _cuda_module; the
+    fused ops are the composite's there already (CompositeExplicitAutograd)."""
+    global _cuda_module
+    previous, _cuda_module = _cuda_module, module
+    unname = _name("cuda", name)
+
+    def undo() -> None:
+        global _cuda_module
+        unname()
+        _cuda_module = previous
     return undo
 
 
