@@ -142,14 +142,21 @@ class _BatchNorm(torch_bn._BatchNorm):
         return self._normalize(input)
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The one functional call; residual only from the BatchNormAddReLU classes."""
-        self._check_input_dim(input)
+        """The one functional call; residual only from the BatchNormAddReLU classes. The channel
+        count is left to the call, which checks it against weight, bias and the running buffers
+        (without them torch takes any count); a refusal is then named as this layer's."""
+        if input.dim() not in self._ranks:
+            self._check_input_dim(input)  # raises, naming the ranks this layer takes
         running_mean, running_var, num_batches_tracked, batch_stats = self._state()
         parameters = self._parameters
-        output, finite = functional.batch_norm_step(
-            input, running_mean, running_var, parameters["weight"], parameters["bias"],
-            batch_stats, self.momentum, self.eps, residual=residual, relu=self.relu,
-            num_batches_tracked=num_batches_tracked, sync=self._sync())
+        try:
+            output, finite = functional.batch_norm_step(
+                input, running_mean, running_var, parameters["weight"], parameters["bias"],
+                batch_stats, self.momentum, self.eps, residual=residual, relu=self.relu,
+                num_batches_tracked=num_batches_tracked, sync=self._sync())
+        except RuntimeError:
+            self._check_input_dim(input)  # the layer's own message for a wrong channel count
+            raise
         if finite is not None and functional.is_skipped(finite):
             self.skipped_batches += 1
             name = f" '{self._batchnorm_name}'" if self._batchnorm_name else ""
