@@ -212,8 +212,9 @@ def _model_row(name, factory, shape, layout, compile, rounds, repeat) -> dict:
     grads_ok = all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(
         models["ours"].parameters(), models["torch"].parameters(), strict=True))
     round_ms: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
+    order = list(models.items())
+    for number in range(rounds):  # the order reversed every other round, as timing's rounds
+        for k, m in (order if number % 2 == 0 else order[::-1]):
             round_ms[k].append(statistics.median(timing.round_ms(
                 functools.partial(_train_step, m, x, target, optimizers[k]), "cpu", repeat)))
     ms = {k: statistics.median(v) for k, v in round_ms.items()}
