@@ -111,8 +111,10 @@ def batch_norm_step(
     # The arguments: on the common call to kernels that check sizes, devices and dtypes
     # themselves (before writing anything), only the rest; a refusal is then named below.
     backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
+    recording = _is_compiling() or _is_exporting() or _jit_tracing()  # route 2's test, once
     sizes_checked_below = backend in _CHECKING_BACKENDS
-    checked_below = sizes_checked_below and residual is None and sync is None
+    checked_below = (sizes_checked_below and residual is None and sync is None
+                     and not recording)  # jit.trace: sizes are traced tensors (_plainly_valid)
     local_batch_stats = training and sync is None
     if not (_checked_below_valid(input, running_mean, running_var, training, eps) if checked_below
             else _plainly_valid(input, running_mean, running_var, weight, bias, residual,
@@ -128,7 +130,7 @@ def batch_norm_step(
                 return _torch_kernels(input, running_mean, running_var, weight, bias,  # 1
                                       training, momentum, eps, residual, relu,
                                       num_batches_tracked, guard=False)
-            if _is_compiling() or _is_exporting() or _jit_tracing():  # 2
+            if recording:  # 2
                 return traced.batch_norm(input, running_mean, running_var, weight, bias, training,
                                          momentum, eps, residual=residual, relu=relu,
                                          num_batches_tracked=num_batches_tracked), None
@@ -166,7 +168,7 @@ def batch_norm_step(
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack  # a torch.func transform's
 _forward_ad = torch.autograd.forward_ad  # _current_level >= 0: forward-mode AD is active
 _is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
-_jit_tracing = torch.jit.is_tracing  # (torch._C._is_tracing: a graph break under torch.compile)
+_jit_tracing = torch._C._is_tracing  # never reached under torch.compile (is_compiling first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +417,9 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, lo
 def _checked_below_valid(input, running_mean, running_var, training, eps) -> bool:
     """_plainly_valid for a call whose kernels (the C++ ones, torch's) check the sizes, devices
     and dtypes of input, running_mean, running_var, weight and bias before writing anything: only
-    what they do not check (False may still be valid: an empty input, a call being traced)."""
-    if input.dim() < 2 or _jit_tracing():
-        return False  # jit.trace: sizes are traced tensors, which _plainly_valid reads as ints
+    what they do not check (False may still be valid: an empty input)."""
+    if input.dim() < 2:
+        return False
     if training:
         return eps > 0 and input.numel() != input.shape[1]  # 1 value per channel: no variance
     return eps >= 0 and running_mean is not None and running_var is not None
