@@ -521,3 +521,24 @@ def test_selecting_a_cuda_backend_registers_nothing_more(monkeypatch, backend):
         assert kernels.backend_name(torch.empty(1, device="meta")) == "aten"  # others unchanged
     finally:
         context.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_guard_without_a_host_read_keeps_or_restores(finite):
+    # The GPU form of torch's route's guard (no .item()), run here on CPU tensors: a finite batch
+    # keeps torch's update and is counted; a non-finite one gets the old buffers back, uncounted,
+    # without bumping their version (torch's autograd node saved them).
+    old_mean, old_var = torch.randn(4), torch.rand(4) + 0.5
+    running_mean, running_var = old_mean + 1, old_var + 1  # "torch's update"
+    if not finite:
+        running_var[2] = float("nan")
+    updated = running_mean.clone(), running_var.clone()
+    count = torch.tensor(7)
+    versions = running_mean._version, running_var._version
+    flag = functional._keep_if_finite_on_device(running_mean, running_var, count,
+                                                torch.cat((old_mean, old_var)))
+    assert bool(flag) is finite and int(count) == 7 + finite
+    expected = updated if finite else (old_mean, old_var)
+    assert torch.equal(running_mean, expected[0])
+    assert torch.equal(running_var, expected[1])
+    assert (running_mean._version, running_var._version) == versions

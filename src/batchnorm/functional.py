@@ -275,11 +275,11 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
         if old is not None:  # torch can refuse after its update (a weight on another device)
             _restore(running_mean, running_var, old)
         raise
-    if training and num_batches_tracked is not None:  # after torch's checks: a rejected call
-        num_batches_tracked.add_(1)                   # counts nothing
     finite = None
-    if old is not None:
+    if old is not None:  # counts the batch when it kept it
         finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, old)
+    elif training and num_batches_tracked is not None:  # after torch's checks: a rejected call
+        num_batches_tracked.add_(1)                     # counts nothing
     if residual is not None:  # in place only where output + residual would keep its strides
         in_place = guard and residual.stride() == output.stride()  # (cuDNN's eval output can be
         output = output.add_(residual) if in_place else output + residual  # NCHW on NHWC input)
@@ -291,24 +291,33 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
 def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
                     old: Tensor) -> Tensor:
     """The NaN/Inf guard after torch's update: the old buffers back, and the batch not counted,
-    when the batch's statistics were not finite. A NaN or Inf in a channel's input makes its
-    variance NaN (an overflow makes it Inf), and torch's update carries that into running_var
-    even at momentum 0, so running_var is the one thing to check. old: both buffers before the
-    update, concatenated. (Measured on CPU, in a training loop: this cat and max().item() are the
-    cheapest pair; NumPy views, clones and tolist() cost as much or more.)"""
-    if running_var.is_cpu:  # reading the flag costs nothing here
-        if _isfinite(running_var.max().item()):  # max: no overflow, NaN propagates
-            return _FINITE
-        _restore(running_mean, running_var, old)
+    when the batch's statistics were not finite; a finite batch is counted. A NaN or Inf in a
+    channel's input makes its variance NaN (an overflow makes it Inf), and torch's update
+    carries that into running_var even at momentum 0, so running_var is the one thing to check.
+    old: both buffers before the update, concatenated. (Measured on CPU, in a training loop:
+    this cat and max().item() are the cheapest pair; NumPy views, clones and tolist() cost as
+    much or more.)"""
+    if not running_var.is_cpu:
+        return _keep_if_finite_on_device(running_mean, running_var, num_batches_tracked, old)
+    if _isfinite(running_var.max().item()):  # max: no overflow, NaN propagates; the read is free
         if num_batches_tracked is not None:
-            num_batches_tracked.sub_(1)
-        return _NOT_FINITE
-    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))
-    finite = torch.isfinite(running_var).all()  # elsewhere on the device: no host sync
-    _unrecorded(running_mean).copy_(torch.where(finite, running_mean, old_mean))
-    _unrecorded(running_var).copy_(torch.where(finite, running_var, old_var))
+            num_batches_tracked.add_(1)
+        return _FINITE
+    _restore(running_mean, running_var, old)
+    return _NOT_FINITE
+
+
+def _keep_if_finite_on_device(running_mean: Tensor, running_var: Tensor,
+                              num_batches_tracked: Tensor | None, old: Tensor) -> Tensor:
+    """_keep_if_finite without a host synchronisation (a GPU's): the flag stays on the device and
+    selects. With the cat before torch's call, six small kernels, one of which (the count)
+    torch.nn's step has too (was eleven: copy_ of a where, and the count's add and subtract)."""
+    old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))  # views
+    finite = torch.isfinite(running_var).all()
+    torch.where(finite, running_mean, old_mean, out=_unrecorded(running_mean))
+    torch.where(finite, running_var, old_var, out=_unrecorded(running_var))
     if num_batches_tracked is not None:
-        num_batches_tracked.sub_((~finite).to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(finite)  # counted when kept
     return finite
 
 
