@@ -10,9 +10,12 @@
 #   2. tests      pytest on the test files with CUDA cases: tests/test_cuda.py (default and
 #                 Triton routes vs torch.nn and float64, NaN guard, converted CNN),
 #                 tests/test_kernels_triton.py (the compiled kernels), tests/test_router.py
-#   3. bandwidth  eval on large inputs: GB/s of ours (Triton) vs torch's (cuDNN) vs a copy
+#   3. profile    per call on each route (torch.nn, default, Triton): wall and host time,
+#                 kernels launched, the operators taking the host's time
+#                 (benchmarks/gpu_route_profile.py)
+#   4. bandwidth  eval on large inputs: GB/s of ours (Triton) vs torch's (cuDNN) vs a copy
 #                 (benchmarks/gpu_eval_bandwidth.py)
-#   4. bench      `batchnorm bench --device cuda` with BATCHNORM_KERNELS=triton (ours = the
+#   5. bench      `batchnorm bench --device cuda` with BATCHNORM_KERNELS=triton (ours = the
 #                 Triton kernels) vs torch.nn (cuDNN), train (forward + backward) and eval, in
 #                 slices by priority until its time is up: ResNet-50's BN shapes at batch 32 and
 #                 large (N, C) shapes in float32 and bfloat16; bfloat16 channels_last; batch 64;
@@ -20,17 +23,17 @@
 # The package is used from src/ (PYTHONPATH), its C++ CPU kernels not built (BATCHNORM_BUILD=0:
 # CPU tensors take torch's kernels, which is all a GPU check needs).
 #
-# Files in $OUT (7): log.txt (everything printed), summary.txt (each stage's exit code and
-# seconds), junit.xml (pytest), bandwidth.json, bench.txt (the bench tables), bench.json (every
-# bench slice's rows and ResNet-50 totals), versions.txt.
-# The limits: tests 120 s, bandwidth 45 s, bench 160 s, all of them within TOTAL_LIMIT (350 s)
+# Files in $OUT (8): log.txt (everything printed), summary.txt (each stage's exit code and
+# seconds), junit.xml (pytest), profile.txt, bandwidth.json, bench.txt (the bench tables),
+# bench.json (every bench slice's rows and ResNet-50 totals), versions.txt.
+# The limits: tests 120 s, profile 40 s, bandwidth 45 s, bench 160 s, all within TOTAL_LIMIT (350 s)
 # from the start; a full run takes about 4.5 minutes, most of it the bench, which starts its
 # slices while time is left and skips the rest (each slice's rows are in bench.txt as measured,
 # and in bench.json when it completed).
 #
 # Without CUDA it says so and exits 2 at once; GPU_CHECK_DRY_RUN=1 runs instead what a CPU can:
 # tests/test_cuda.py (its CPU tests), the bench's and the bandwidth script's --self-check.
-# Overrides: PYTHON (default python3); GPU_CHECK_STAGES (default "tests bandwidth bench": a rerun
+# Overrides: PYTHON (default python3); GPU_CHECK_STAGES (default "tests profile bandwidth bench": a rerun
 # can take one, e.g. GPU_CHECK_STAGES=tests); GPU_CHECK_PYTEST_ARGS (more pytest arguments, e.g.
 # "-k triton"); GPU_CHECK_BENCH_SECONDS (the bench's limit, default 160); GPU_CHECK_WORKERS
 # (pytest-xdist workers, default 8: Triton compiles in each, 16 cores).
@@ -40,8 +43,9 @@ set -uo pipefail
 TOTAL_LIMIT=350
 TESTS_LIMIT=120
 BANDWIDTH_LIMIT=45
+PROFILE_LIMIT=40
 BENCH_LIMIT="${GPU_CHECK_BENCH_SECONDS:-160}"
-STAGES="${GPU_CHECK_STAGES:-tests bandwidth bench}"  # after versions, always first
+STAGES="${GPU_CHECK_STAGES:-tests profile bandwidth bench}"  # after versions, always first
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST_ARGS:-}"
 SLICE_MINIMUM=25  # a bench slice is not started with less time than this left
 PY="${PYTHON:-python3}"
@@ -131,6 +135,15 @@ tests() {
     echo "=== tests: $PY -m pytest ${args[*]} ${files[*]}"
     limited "$(left "$TESTS_LIMIT")" "$PY" -m pytest "${args[@]}" "${files[@]}"
     record tests $? "$t0"
+}
+
+profile() {
+    local t0=$SECONDS extra=()
+    [ "$dry_run" = 1 ] && extra=(--self-check)
+    echo "=== profile"
+    limited "$(left "$PROFILE_LIMIT")" "$PY" benchmarks/gpu_route_profile.py \
+        --out "$OUT/profile.txt" "${extra[@]}"
+    record profile $? "$t0"
 }
 
 bandwidth() {
@@ -225,8 +238,9 @@ main() {
     local stage
     for stage in $STAGES; do
         case "$stage" in
-            tests | bandwidth | bench) "$stage" ;;
-            *) echo "gpu_check: unknown stage $stage (GPU_CHECK_STAGES: tests bandwidth bench)"
+            tests | profile | bandwidth | bench) "$stage" ;;
+            *) echo "gpu_check: unknown stage $stage (GPU_CHECK_STAGES: tests profile bandwidth" \
+                    "bench)"
                record "$stage" 2 "$SECONDS" ;;
         esac
     done
