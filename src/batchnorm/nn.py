@@ -145,8 +145,8 @@ class _BatchNorm(torch_bn._BatchNorm):
         """The one functional call; residual only from the BatchNormAddReLU classes. The channel
         count is left to the call, which checks it against weight, bias and the running buffers
         (without them torch takes any count); a refusal is then named as this layer's."""
-        if input.dim() not in self._ranks:
-            self._check_input_dim(input)  # raises, naming the ranks this layer takes
+        if input.dim() not in self._ranks:  # (SyncBatchNorm lists none: it checks every call)
+            self._check_input_dim(input)  # raises for a rank the layer does not take
         running_mean, running_var, num_batches_tracked, batch_stats = self._state()
         parameters = self._parameters
         try:
