@@ -23,8 +23,9 @@ Never slower than torch.nn: route 3 is taken only where our kernel is verified a
 fast (benchmarks/RESULTS.md); otherwise torch's kernels serve. A rejected call changes no buffer.
 Arguments are checked before any route, except on the common call to kernels that check them
 themselves before writing anything (the C++ ones and torch's: sizes, devices and dtypes of the
-per-channel tensors): there Python checks only the rest, and a kernel's refusal is then named by
-the checks one by one (check_arguments' messages). Per call, that is the whole Python cost.
+per-channel tensors): there Python checks only the rest (the rank, eps, more than one value per
+channel in training, eval's buffers given), and a kernel's refusal is then named by the checks
+one by one (check_arguments' messages).
 
 Extras beyond torch's signature are keyword-only:
 
