@@ -378,3 +378,17 @@ def test_float16_near_its_maximum():
     ref = torch.nn.functional.batch_norm(x.half().double(), None, None, training=True)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", [None, "aten", "composite"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_buffer_without_the_other_is_refused_as_torch(backend, training, given):
+    # torch: ValueError in training (both or neither), RuntimeError in eval (both needed)
+    x = torch.randn(4, 3)
+    buffers = {"running_mean": None, "running_var": None, given: torch.ones(3)}
+    with pytest.raises(ValueError if training else RuntimeError):
+        torch.nn.functional.batch_norm(x, training=training, **buffers)
+    with kernels.use(backend), pytest.raises(ValueError if training else RuntimeError) as info:
+        batch_norm(x, training=training, **buffers)
+    assert given in str(info.value) and torch.equal(buffers[given], torch.ones(3))

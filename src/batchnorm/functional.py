@@ -231,8 +231,6 @@ def _our_kernels(input, running_mean, running_var, weight, bias, training, momen
     if not training:
         return ops.batch_norm_eval(input, running_mean, running_var, weight, bias, eps,
                                    residual, relu), None
-    if running_mean is None or running_var is None:
-        running_mean = running_var = None  # as torch: both or neither are updated
     if node and sync is None:
         output, finite = ops.batch_norm_train_step(input, weight, bias, eps, residual, relu,
                                                    running_mean, running_var,
@@ -428,11 +426,11 @@ def _checked_below_valid(input, running_mean, running_var, training, eps) -> boo
     """_plainly_valid for a call whose kernels (the C++ ones, torch's) check the sizes, devices
     and dtypes of input, running_mean, running_var, weight and bias before writing anything: only
     what they do not check (False may still be valid: an empty input)."""
-    if input.dim() < 2:
+    if input.dim() < 2 or (running_mean is None) != (running_var is None):
         return False
     if training:
         return eps > 0 and input.numel() != input.shape[1]  # 1 value per channel: no variance
-    return eps >= 0 and running_mean is not None and running_var is not None
+    return eps >= 0 and running_mean is not None
 
 
 def _plainly_valid(input, running_mean, running_var, weight, bias, residual, local_batch_stats,
@@ -442,7 +440,8 @@ def _plainly_valid(input, running_mean, running_var, weight, bias, residual, loc
         return False
     if not (eps > 0 if training else eps >= 0):  # a NaN eps fails both
         return False
-    if not training and (running_mean is None or running_var is None):
+    if (running_mean is None or running_var is None) and (
+            not training or running_mean is not running_var):  # both or neither
         return False
     shape, device = sizes(input), input.device  # ints, also under torch.jit.trace
     channels = shape[1]
@@ -483,6 +482,11 @@ def _reject(input, running_mean, running_var, weight, bias, residual, local_batc
             "batch_norm in evaluation mode (training=False) normalizes with running_mean and "
             "running_var, but they were not given; pass them or use training=True"
         )
+    if (running_mean is None) != (running_var is None):  # torch's ValueError
+        given, missing = (("running_mean", "running_var") if running_var is None
+                          else ("running_var", "running_mean"))
+        raise ValueError(f"batch_norm updates running_mean and running_var together: {given} "
+                         f"was given without {missing}; pass both or neither")
     channels = shape[1]
     vectors = (("running_mean", running_mean), ("running_var", running_var),
                ("weight", weight), ("bias", bias))
