@@ -137,23 +137,17 @@ tests() {
     record tests $? "$t0"
 }
 
-profile() {
+script_stage() {  # script_stage NAME LIMIT SCRIPT OUTFILE: a benchmarks/ script (--self-check dry)
     local t0=$SECONDS extra=()
     [ "$dry_run" = 1 ] && extra=(--self-check)
-    echo "=== profile"
-    limited "$(left "$PROFILE_LIMIT")" "$PY" benchmarks/gpu_route_profile.py \
-        --out "$OUT/profile.txt" "${extra[@]}"
-    record profile $? "$t0"
+    echo "=== $1"
+    limited "$(left "$2")" "$PY" "benchmarks/$3" --out "$OUT/$4" "${extra[@]}"
+    record "$1" $? "$t0"
 }
 
-bandwidth() {
-    local t0=$SECONDS extra=()
-    [ "$dry_run" = 1 ] && extra=(--self-check)
-    echo "=== bandwidth"
-    limited "$(left "$BANDWIDTH_LIMIT")" "$PY" benchmarks/gpu_eval_bandwidth.py \
-        --out "$OUT/bandwidth.json" "${extra[@]}"
-    record bandwidth $? "$t0"
-}
+profile() { script_stage profile "$PROFILE_LIMIT" gpu_route_profile.py profile.txt; }
+
+bandwidth() { script_stage bandwidth "$BANDWIDTH_LIMIT" gpu_eval_bandwidth.py bandwidth.json; }
 
 shapes_at() {  # shapes_at N: ResNet-50's BN shapes at batch N, comma-separated
     local chw out=""
