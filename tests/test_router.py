@@ -524,11 +524,12 @@ def test_selecting_a_cuda_backend_registers_nothing_more(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("finite", [True, False])
-def test_the_guard_without_a_host_read_keeps_or_restores(finite):
+@pytest.mark.parametrize("mean_dtype", [torch.float32, torch.float16])
+def test_the_guard_without_a_host_read_keeps_or_restores(finite, mean_dtype):
     # The GPU form of torch's route's guard (no .item()), run here on CPU tensors: a finite batch
     # keeps torch's update and is counted; a non-finite one gets the old buffers back, uncounted,
     # without bumping their version (torch's autograd node saved them).
-    old_mean, old_var = torch.randn(4), torch.rand(4) + 0.5
+    old_mean, old_var = torch.randn(4).to(mean_dtype), torch.rand(4) + 0.5
     running_mean, running_var = old_mean + 1, old_var + 1  # "torch's update"
     if not finite:
         running_var[2] = float("nan")

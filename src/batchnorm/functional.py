@@ -313,8 +313,9 @@ def _keep_if_finite_on_device(running_mean: Tensor, running_var: Tensor,
     torch.nn's step has too (was eleven: copy_ of a where, and the count's add and subtract)."""
     old_mean, old_var = old.split((running_mean.numel(), running_var.numel()))  # views
     finite = torch.isfinite(running_var).all()
-    torch.where(finite, running_mean, old_mean, out=_unrecorded(running_mean))
-    torch.where(finite, running_var, old_var, out=_unrecorded(running_var))
+    for buffer, before in ((running_mean, old_mean), (running_var, old_var)):  # (cat promoted
+        before = before.to(buffer.dtype)  # buffers of two dtypes; else no copy)
+        torch.where(finite, buffer, before, out=_unrecorded(buffer))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite)  # counted when kept
     return finite
