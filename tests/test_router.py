@@ -7,6 +7,7 @@ assumed. Routes 1 (torch.func) and 2 (tracing) are tested in test_func.py, test_
 test_portability.py.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -543,3 +544,21 @@ def test_the_guard_without_a_host_read_keeps_or_restores(finite, mean_dtype):
     assert torch.equal(running_mean, expected[0])
     assert torch.equal(running_var, expected[1])
     assert (running_mean._version, running_var._version) == versions
+
+
+def test_compiled_autograd_captures_a_converted_model():
+    # Compiled autograd (eager forward, backward captured and compiled) cannot capture our C++
+    # autograd node: while it is on, CPU training takes torch's kernels, whose nodes it captures.
+    from torch._dynamo import compiled_autograd
+
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                 torch.nn.ReLU()).double()
+    ours = batchnorm.convert(copy.deepcopy(theirs))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        for model in (theirs, ours):
+            model(x).square().sum().backward()
+    for a, b in zip(theirs.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(theirs[1].running_var, ours[1].running_var)

@@ -15,8 +15,9 @@ chain: 1 and 2 first, then 3 or 4 by the backend that serves the input):
                    torch's kernels refuse (float32 input, float16 buffers): the batchnorm:: ops
                    (ops.batch_norm_train / ops.batch_norm_eval)
     4. torch       everything else: CUDA by default (cuDNN), CPU without the C++ extension, any
-                   other device, BATCHNORM_KERNELS=aten, and float32/64 CPU evaluation that
-                   records a graph (our eval kernel has no C++ autograd node): torch's kernels,
+                   other device, BATCHNORM_KERNELS=aten, float32/64 CPU evaluation that records
+                   a graph (our eval kernel has no C++ autograd node), and CPU training while
+                   compiled autograd is on (it cannot capture our C++ node): torch's kernels,
                    with residual, ReLU, momentum=None and the NaN/Inf guard composed around them
 
 Never slower than torch.nn: route 3 is taken only where our kernel is verified and at least as
@@ -145,6 +146,8 @@ def batch_norm_step(
             if (backend == "cpu" and not training and input.dtype in _TORCH_EVAL_GRAD_DTYPES
                     and _records_graph(input, weight, bias, residual)):
                 backend = "aten"  # torch's kernel and C++ node beat elemt's autograd formula
+            if backend == "cpu" and training and _compiled_autograd():
+                backend = "aten"  # compiled autograd captures torch's nodes, not our C++ one
             if backend == "aten":  # 4
                 try:
                     return _torch_kernels(input, running_mean, running_var, weight, bias,
@@ -206,6 +209,13 @@ def _torch_takes(input: Tensor, *vectors: Tensor | None) -> bool:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _compiled_autograd() -> bool:
+    """Whether compiled autograd (torch._dynamo.compiled_autograd) is on for this thread's
+    backward passes: it captures torch's autograd nodes, and has no form for our C++ node."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and bool(module.compiled_autograd_enabled)
 
 
 def _records_graph(*tensors: Tensor | None) -> bool:
