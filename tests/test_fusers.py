@@ -190,3 +190,31 @@ def test_hooks_fire_as_on_the_torch_nn_model(qat, relu):
         fused(torch.randn(2, 3, 6, 6, dtype=F64))
         fired.append(calls)
     assert fired[1] == fired[0], fired
+
+
+def test_fx_quantization_fuses_after_to_torch():
+    # FX graph-mode quantization matches torch.nn's classes exactly (its pattern table is built
+    # from them), so it leaves our layers unfused; batchnorm.to_torch(model) first gives the
+    # fused modules it builds for the torch.nn model (the README says so).
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    class ConvBNReLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    x = torch.randn(4, 3, 8, 8)
+
+    def fused(model) -> bool:  # whether the conv and the BN became one QAT module (ConvBn2d)
+        prepared = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
+        prepared(x)
+        return any(type(m).__name__.startswith("ConvBn") for m in prepared.modules())
+
+    converted = batchnorm.convert(ConvBNReLU())
+    assert fused(ConvBNReLU())
+    assert not fused(copy.deepcopy(converted))
+    assert fused(batchnorm.to_torch(converted))
