@@ -562,3 +562,26 @@ def test_compiled_autograd_captures_a_converted_model():
     for a, b in zip(theirs.parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
     torch.testing.assert_close(theirs[1].running_var, ours[1].running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_as_torch_nn(backend, reentrant):
+    # Non-reentrant checkpointing stops its recomputation once the saved tensors it needs exist:
+    # inside the last BN's call. torch.nn's layer has counted the batch by then, so must ours.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                 torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                 torch.nn.BatchNorm2d(4)).double()
+    ours = batchnorm.convert(copy.deepcopy(theirs))
+    x = torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    with _use(backend):
+        for model in (theirs, ours):
+            checkpoint(model, x.clone().requires_grad_(),
+                       use_reentrant=reentrant).square().sum().backward()
+    for a, b in zip(theirs.buffers(), ours.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(theirs.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)

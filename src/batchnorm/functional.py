@@ -277,18 +277,23 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
     old = None  # both buffers before the update, in one copy, while the guard may need them
     if guard and training and running_mean is not None and running_var is not None:
         old = torch.cat((running_mean, running_var))
+    # Counted before torch's call, as torch.nn's layer counts: checkpoint's recomputation can
+    # stop inside the call. (The guard without a host read counts after it, from its flag.)
+    counted = training and num_batches_tracked is not None and (old is None or old.is_cpu)
+    if counted:
+        num_batches_tracked.add_(1)
     try:
         output = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
                                   factor, eps, input.is_cuda and torch.backends.cudnn.enabled)
-    except RuntimeError:
+    except RuntimeError:  # a rejected call changes nothing
         if old is not None:  # torch can refuse after its update (a weight on another device)
             _restore(running_mean, running_var, old)
+        if counted:
+            num_batches_tracked.sub_(1)
         raise
     finite = None
-    if old is not None:  # counts the batch when it kept it
+    if old is not None:
         finite = _keep_if_finite(running_mean, running_var, num_batches_tracked, old)
-    elif training and num_batches_tracked is not None:  # after torch's checks: a rejected call
-        num_batches_tracked.add_(1)                     # counts nothing
     if residual is not None:  # in place only where output + residual would keep its strides
         in_place = guard and residual.stride() == output.stride()  # (cuDNN's eval output can be
         output = output.add_(residual) if in_place else output + residual  # NCHW on NHWC input)
@@ -300,19 +305,19 @@ def _torch_kernels(input, running_mean, running_var, weight, bias, training, mom
 def _keep_if_finite(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
                     old: Tensor) -> Tensor:
     """The NaN/Inf guard after torch's update: the old buffers back, and the batch not counted,
-    when the batch's statistics were not finite; a finite batch is counted. A NaN or Inf in a
-    channel's input makes its variance NaN (an overflow makes it Inf), and torch's update
-    carries that into running_var even at momentum 0, so running_var is the one thing to check.
-    old: both buffers before the update, concatenated. (Measured on CPU, in a training loop:
-    this cat and max().item() are the cheapest pair; NumPy views, clones and tolist() cost as
-    much or more.)"""
+    when the batch's statistics were not finite (on CPU it was counted before torch's call; on a
+    device the kept batch is counted here). A NaN or Inf in a channel's input makes its variance
+    NaN (an overflow makes it Inf), and torch's update carries that into running_var even at
+    momentum 0, so running_var is the one thing to check. old: both buffers before the update,
+    concatenated. (Measured on CPU, in a training loop: this cat and max().item() are the
+    cheapest pair; NumPy views, clones and tolist() cost as much or more.)"""
     if not running_var.is_cpu:
         return _keep_if_finite_on_device(running_mean, running_var, num_batches_tracked, old)
     if _isfinite(running_var.max().item()):  # max: no overflow, NaN propagates; the read is free
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
         return _FINITE
     _restore(running_mean, running_var, old)
+    if num_batches_tracked is not None:
+        num_batches_tracked.sub_(1)
     return _NOT_FINITE
 
 
