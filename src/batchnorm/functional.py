@@ -113,7 +113,7 @@ def batch_norm_step(
     # The arguments: on the common call to kernels that check sizes, devices and dtypes
     # themselves (before writing anything), only the rest; a refusal is then named below.
     backend = kernels.backend_name(input) if isinstance(input, Tensor) else ""
-    recording = _is_compiling() or _is_exporting() or _jit_tracing()  # route 2's test, once
+    recording = traced.tracing()  # route 2's test, once
     sizes_checked_below = backend in _CHECKING_BACKENDS
     checked_below = (sizes_checked_below and residual is None and sync is None
                      and not recording)  # jit.trace: sizes are traced tensors (_plainly_valid)
@@ -171,8 +171,6 @@ def batch_norm_step(
 
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack  # a torch.func transform's
 _forward_ad = torch.autograd.forward_ad  # _current_level >= 0: forward-mode AD is active
-_is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
-_jit_tracing = torch._C._is_tracing  # never reached under torch.compile (is_compiling first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +454,9 @@ def _plainly_valid(input, running_mean, running_var, weight, bias, residual, loc
         return False
     if not (eps > 0 if training else eps >= 0):  # a NaN eps fails both
         return False
-    if (running_mean is None or running_var is None) and (
-            not training or running_mean is not running_var):  # both or neither
+    if (running_mean is None) != (running_var is None):  # both or neither
+        return False
+    if not training and running_mean is None:  # eval normalizes with them
         return False
     shape, device = sizes(input), input.device  # ints, also under torch.jit.trace
     channels = shape[1]

@@ -37,9 +37,14 @@ __all__ = ["tracing", "batch_norm"]
 
 
 def tracing() -> bool:
-    """True while torch.compile, torch.export or torch.jit.trace records the call."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch.jit.is_tracing())
+    """True while torch.compile, torch.export or torch.jit.trace records the call. (Every call
+    of a layer asks: jit.trace's own flag is read from torch._C, after is_compiling, which
+    torch.compile answers itself, so it never sees that C function.)"""
+    return _is_compiling() or _is_exporting() or _jit_tracing()
+
+
+_is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
+_jit_tracing = torch._C._is_tracing
 
 
 def batch_norm(
