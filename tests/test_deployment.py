@@ -23,6 +23,7 @@ try:
     import onnx
     import onnxruntime
     import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    from benchmarks.onnx_bench import export as _onnx  # the graphs the benchmark times
     ONNX_MISSING = ""
 except ImportError as error:  # pip install -e .[dev] installs them
     ONNX_MISSING = f"ONNX tests need onnx, onnxscript and onnxruntime: {error}"
@@ -131,16 +132,6 @@ def test_jit_trace_warns_no_more_than_torch_nn(case, training):
     ours.train(training)
     got, expected = _tracer_warnings(ours, x), _tracer_warnings(reference, x)
     assert len(got) <= len(expected), got  # torch.nn's training forward checks its batch size
-
-
-def _onnx(model, x, dynamo):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
-        buffer = io.BytesIO()
-        torch.onnx.export(model, (x,), buffer, dynamo=False)
-        return onnx.load_from_string(buffer.getvalue())
 
 
 def _onnxruntime(proto, x):
